@@ -1,0 +1,139 @@
+"""Process groups of one rank: joining the world, and the TP/EP groups' lifecycle.
+
+Gloo groups have no shutdown()/restart() in paddle (NCCL groups do). Tearing a gloo group
+down means destroying it and creating it again with `new_group`, so this module hides the
+difference behind `shutdown()` / `restart()`. `new_group` hands out ids from a per-process
+counter, so every rank creates every replica's groups, in the same order, even those it is
+not a member of.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+
+from fd_ray_sync.config import ParallelConfig
+from fd_ray_sync.errors import StateError
+from fd_ray_sync.log import get_logger
+
+
+def init_world(parallel: ParallelConfig, endpoints: Sequence[str]) -> None:
+    """Join the global process group as `parallel.rank` of `endpoints` ("host:port" each).
+
+    Paddle reads its launch contract from environment variables; this is the one place
+    fd-ray-sync sets them. Must run before any other paddle.distributed call.
+    """
+    import paddle.distributed as dist
+
+    if len(endpoints) != parallel.world_size:
+        raise StateError(
+            f"{len(endpoints)} endpoints given for a world of {parallel.world_size} ranks"
+        )
+    os.environ.update(
+        PADDLE_TRAINER_ID=str(parallel.rank),
+        PADDLE_TRAINERS_NUM=str(parallel.world_size),
+        PADDLE_TRAINER_ENDPOINTS=",".join(endpoints),
+        PADDLE_CURRENT_ENDPOINT=endpoints[parallel.rank],
+        PADDLE_MASTER=endpoints[0],
+        PADDLE_RANK_IN_NODE=str(parallel.rank),
+        PADDLE_DISTRI_BACKEND=parallel.backend,
+    )
+    if parallel.world_size > 1:
+        dist.init_parallel_env()
+
+
+class CommGroups:
+    """The TP and EP groups of one rank, with one lifecycle for gloo and NCCL.
+
+    With `world_size == 1` there are no groups and every operation is a no-op.
+    """
+
+    def __init__(self, parallel: ParallelConfig, timeout_s: float = 1800.0):
+        self.parallel = parallel
+        self.timeout = timedelta(seconds=timeout_s)
+        self.tp_group = None
+        self.ep_group = None
+        self._up = False
+        self._log = get_logger(__name__, parallel.rank)
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def distributed(self) -> bool:
+        return self.parallel.world_size > 1
+
+    def start(self) -> None:
+        """Create this rank's TP group (tp > 1) and EP group (expert parallel on)."""
+        if self._up:
+            return
+        if self.distributed:
+            self._create_groups()
+        self._up = True
+
+    def _create_groups(self) -> None:
+        import paddle.distributed as dist
+
+        p = self.parallel
+        backend = "nccl" if p.backend == "nccl" else None
+        for kind in ("tp", "ep"):
+            if kind == "tp" and p.tp == 1:
+                continue
+            if kind == "ep" and not p.enable_expert_parallel:
+                continue
+            for replica in range(p.dp):
+                ranks = p.replica_ranks(replica)
+                group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
+                if p.rank in ranks:
+                    setattr(self, f"{kind}_group", group)
+
+    def barrier(self, kind: str) -> None:
+        """Barrier over the TP ("tp") or EP ("ep") group; no-op when the group does not exist."""
+        import paddle.distributed as dist
+
+        group = self._group(kind)
+        if group is not None:
+            dist.barrier(group)
+
+    def _group(self, kind: str):
+        if kind not in ("tp", "ep"):
+            raise ValueError(f"unknown group kind {kind!r}; known: 'tp', 'ep'")
+        if not self._up and self.distributed:
+            raise StateError(f"{kind.upper()} group is shut down; restart it first")
+        return getattr(self, f"{kind}_group")
+
+    def shutdown(self) -> None:
+        """Tear the TP and EP groups down (NCCL: shutdown; gloo: destroy)."""
+        import paddle.distributed as dist
+
+        if not self._up:
+            return
+        for kind in ("ep", "tp"):
+            group = getattr(self, f"{kind}_group")
+            if group is None:
+                continue
+            if self.parallel.backend == "nccl":
+                dist.shutdown_process_group(group)
+            else:
+                dist.destroy_process_group(group)
+        if self.parallel.backend == "gloo":
+            self.tp_group = self.ep_group = None
+        self._up = False
+        self._log.debug("communication groups shut down")
+
+    def restart(self) -> None:
+        """Bring the groups back after `shutdown()` (NCCL: restart; gloo: create again)."""
+        import paddle.distributed as dist
+
+        if self._up:
+            return
+        if self.parallel.backend == "nccl" and self.distributed:
+            for group in (self.tp_group, self.ep_group):
+                if group is not None:
+                    dist.restart_process_group(group)
+            self._up = True
+        else:
+            self.start()
+        self._log.debug("communication groups restarted")

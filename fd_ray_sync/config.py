@@ -1,0 +1,109 @@
+"""Configuration: one frozen pydantic model per component, validated where it is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 1 << 20
+
+# FastDeploy's strategy names, accepted so its users can keep their configs.
+_STRATEGY_ALIASES = {"ipc_snapshot": "snapshot", "rsync": "collective"}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoadConfig(_Frozen):
+    """Where a rank's weights come from and how they are checked."""
+
+    load_strategy: str = Field(
+        "snapshot",
+        description="Name of a registered weight source (see fd_ray_sync.sources.known_sources()).",
+    )
+    model_dir: Path | None = Field(
+        None, description="Folder of per-rank snapshot files and version.yaml."
+    )
+    fallback_dir: Path | None = Field(
+        None,
+        description="Shared folder tried last for a rank's snapshot (FastDeploy's /shared_ipc_meta).",
+    )
+    snapshot_id: int = Field(
+        0, ge=0, description="The `{id}` in snapshot file names (FastDeploy used the GPU id)."
+    )
+    bucket_bytes: int = Field(
+        256 * MiB, gt=0, description="Bytes per transfer bucket (and per snapshot part file)."
+    )
+    verify_checksum: bool = Field(True, description="Check per-bucket/per-part checksums.")
+    check_finite: bool = Field(False, description="Refuse weights holding NaN or Inf.")
+
+    @field_validator("load_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from fd_ray_sync.sources import known_sources
+
+        value = _STRATEGY_ALIASES.get(value, value)
+        if value not in known_sources():
+            raise ValueError(
+                f"unknown load_strategy {value!r}; known: {', '.join(sorted(known_sources()))}"
+            )
+        return value
+
+
+class ParallelConfig(_Frozen):
+    """A fleet's layout: `world = dp * tp` ranks; ranks [r*tp, (r+1)*tp) are replica r.
+
+    With expert parallelism on, each replica's experts are split over its own ranks (the EP
+    group has the same members as the TP group; see DESIGN.md for why not the whole world).
+    """
+
+    tp: int = Field(1, ge=1, description="Tensor-parallel size (ranks per replica).")
+    dp: int = Field(1, ge=1, description="Data-parallel size (number of replicas).")
+    enable_expert_parallel: bool = Field(False, description="Split MoE experts over EP ranks.")
+    rank: int = Field(0, ge=0, description="This process's global rank.")
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="Collective backend.")
+    shutdown_comm_groups_on_clear: bool = Field(
+        False,
+        description="Tear TP/EP groups down on clear and rebuild them on the next load "
+        "(FastDeploy's --shutdown-comm-group-if-worker-idle).",
+    )
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> ParallelConfig:
+        if self.rank >= self.world_size:
+            raise ValueError(
+                f"rank {self.rank} is outside the world of {self.world_size} ranks "
+                f"(dp={self.dp} x tp={self.tp})"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def ep_size(self) -> int:
+        return self.tp if self.enable_expert_parallel else 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.tp_rank if self.enable_expert_parallel else 0
+
+    def replica_ranks(self, replica: int) -> list[int]:
+        """Global ranks of one replica's TP (and EP) group."""
+        return list(range(replica * self.tp, (replica + 1) * self.tp))
+
+    def for_rank(self, rank: int) -> ParallelConfig:
+        """The same layout seen from another rank."""
+        return ParallelConfig(**{**self.model_dump(), "rank": rank})

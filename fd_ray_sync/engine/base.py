@@ -1,0 +1,61 @@
+"""The small interface an inference engine offers to the weight manager and the fleet.
+
+A user's own engine plugs in by subclassing `InferenceEngine`: hand over the models whose
+parameters are managed, say which slice of each full parameter this rank holds, and free /
+re-allocate the KV cache on request. Hooks a given engine does not need keep their no-op
+defaults, so callers never branch on the engine's type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from fd_ray_sync.comm import CommGroups
+from fd_ray_sync.config import ParallelConfig
+from fd_ray_sync.sharding import ShardSpec
+from fd_ray_sync.status import KVCacheStatus
+
+
+class InferenceEngine(ABC):
+    """One rank's engine. Subclasses set `parallel` and `groups` in their constructor."""
+
+    parallel: ParallelConfig
+    groups: CommGroups
+
+    @abstractmethod
+    def models(self) -> list:
+        """The paddle Layers whose `state_dict()` parameters the manager captures."""
+
+    @abstractmethod
+    def shard_plan(self) -> dict[str, ShardSpec]:
+        """Parameter name -> the slice of the full parameter this rank holds."""
+
+    @abstractmethod
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of the full (unsharded) parameter."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy generation; every TP rank of a replica must be called with the same input."""
+
+    # --- hooks with no-op defaults -------------------------------------------------------
+
+    @property
+    def kv_cache_status(self) -> KVCacheStatus:
+        return KVCacheStatus.NORMAL
+
+    def clear_requests(self) -> None:
+        """Drop queued and in-flight requests and any prefix cache."""
+
+    def free_kv_cache(self) -> None:
+        """Release KV-cache memory (status CLEARED)."""
+
+    def alloc_kv_cache(self) -> None:
+        """Re-allocate the KV cache (status NORMAL)."""
+
+    def clear_ep_buffer(self) -> None:
+        """Release the expert-parallel communication buffer (DeepEP's, in FastDeploy)."""
+
+    def recreate_ep_buffer(self) -> None:
+        """Allocate the expert-parallel communication buffer again."""

@@ -1,0 +1,459 @@
+"""The reference engine's model: a small decoder-only LM with real tensor and expert parallelism.
+
+One class serves as the trainer's full model (one process, no groups, autograd works) and as
+one rank's shard of it: parameter names are the same in both, only shapes differ, and
+`shard_plan()` says which slice of each full parameter a rank holds. Layouts (paddle Linear
+weights are [in_features, out_features]):
+
+    embed.weight, pos_embed.weight                      replicated
+    layers.{i}.ln1.*, ln2.*                             replicated
+    layers.{i}.attn.qkv.weight [d, 3d], .bias [3d]      column-parallel (heads split over TP)
+    layers.{i}.attn.out.weight [d, d]                   row-parallel; .bias [d] replicated
+    layers.{i}.mlp.up.weight [d, ff], .bias [ff]        column-parallel   (dense layers)
+    layers.{i}.mlp.down.weight [ff, d]                  row-parallel; .bias [d] replicated
+    layers.{i}.mlp.w1 [E, d, ff], .w2 [E, ff, d]        experts split over EP   (MoE layers)
+    layers.{i}.mlp.gate.weight [d, E]                   replicated
+    ln_f.*, lm_head.weight [d, vocab]                   replicated
+
+Parameters may be cleared (`_clear_data()`) and refilled by the weight manager between calls,
+so nothing derived from a parameter is ever kept across calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fd_ray_sync.comm import CommGroups
+from fd_ray_sync.config import ParallelConfig
+from fd_ray_sync.engine.tokenizer import VOCAB_SIZE
+from fd_ray_sync.errors import ConfigError, StateError, WeightMismatchError
+from fd_ray_sync.sharding import REPLICATED, ShardSpec
+from fd_ray_sync.status import KVCacheStatus
+
+_ITEMSIZE = {"float32": 4}
+
+# --- configuration and pure planning functions --------------------------------------------
+
+
+class ModelConfig(BaseModel):
+    """Shape of the reference LM. Divisibility by the parallel layout is checked at build time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vocab_size: int = Field(
+        VOCAB_SIZE, ge=VOCAB_SIZE, le=VOCAB_SIZE, description="Must be 256: byte tokenizer."
+    )
+    d_model: int = Field(64, ge=1, description="Hidden size.")
+    n_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    n_heads: int = Field(4, ge=1, description="Attention heads (split over TP ranks).")
+    d_ff: int = Field(128, ge=1, description="MLP / expert inner size (dense MLP split over TP).")
+    max_seq_len: int = Field(128, ge=2, description="Positions (and KV-cache length).")
+    n_experts: int = Field(0, ge=0, description="Experts per MoE layer; 0 means no MoE.")
+    moe_every: int = Field(2, ge=1, description="Every k-th block's MLP is MoE (n_experts > 0).")
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
+    dtype: Literal["float32"] = Field("float32", description="Parameter dtype.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1
+
+    def check_parallel(self, parallel: ParallelConfig) -> None:
+        """Raise ConfigError naming the field that does not split over `parallel`."""
+        for field, value, over, size in (
+            ("n_heads", self.n_heads, "tp", parallel.tp),
+            ("d_ff", self.d_ff, "tp", parallel.tp),
+            ("n_experts", self.n_experts, "ep_size", parallel.ep_size),
+        ):
+            if value % size:
+                raise ConfigError(f"model {field}={value} is not divisible by {over}={size}")
+
+
+PRESETS: Mapping[str, ModelConfig] = {
+    # Small enough for multi-process CPU tests; one dense block and one MoE block.
+    "tiny": ModelConfig(
+        d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=4, moe_every=2
+    ),
+    # Just over 1 GiB of float32 weights, for transfer benchmarks.
+    "large_1g": ModelConfig(
+        d_model=2048, n_layers=7, n_heads=16, d_ff=5632, max_seq_len=512, n_experts=0
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full (unsharded) shape, in the model's `state_dict()` order."""
+    d, ff, e = config.d_model, config.d_ff, config.n_experts
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.weight": (config.vocab_size, d),
+        "pos_embed.weight": (config.max_seq_len, d),
+    }
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "ln1.weight": (d,),
+            p + "ln1.bias": (d,),
+            p + "attn.qkv.weight": (d, 3 * d),
+            p + "attn.qkv.bias": (3 * d,),
+            p + "attn.out.weight": (d, d),
+            p + "attn.out.bias": (d,),
+            p + "ln2.weight": (d,),
+            p + "ln2.bias": (d,),
+        }
+        if config.is_moe_layer(i):
+            # A layer's own parameters come before its sublayers' in paddle's state_dict.
+            shapes |= {
+                p + "mlp.w1": (e, d, ff),
+                p + "mlp.w2": (e, ff, d),
+                p + "mlp.gate.weight": (d, e),
+            }
+        else:
+            shapes |= {
+                p + "mlp.up.weight": (d, ff),
+                p + "mlp.up.bias": (ff,),
+                p + "mlp.down.weight": (ff, d),
+                p + "mlp.down.bias": (d,),
+            }
+    shapes |= {"ln_f.weight": (d,), "ln_f.bias": (d,), "lm_head.weight": (d, config.vocab_size)}
+    return shapes
+
+
+def param_bytes(config: ModelConfig) -> int:
+    """Bytes of the full model's parameters, computed from shapes without allocating."""
+    return _ITEMSIZE[config.dtype] * sum(math.prod(s) for s in full_shapes(config).values())
+
+
+def _split(axis: int, parts: int, index: int) -> ShardSpec:
+    return REPLICATED if parts == 1 else ShardSpec(axis=axis, parts=parts, index=index)
+
+
+def shard_plan(config: ModelConfig, parallel: ParallelConfig) -> dict[str, ShardSpec]:
+    """Parameter name -> the slice of the full parameter that `parallel.rank` holds."""
+    config.check_parallel(parallel)
+    tp, r = parallel.tp, parallel.tp_rank
+    column, column_bias, row = _split(1, tp, r), _split(0, tp, r), _split(0, tp, r)
+    experts = _split(0, parallel.ep_size, parallel.ep_rank)
+    # Keyed by the name inside a block ("attn.qkv.weight"); anything else is replicated.
+    by_suffix = {
+        "attn.qkv.weight": column,
+        "attn.qkv.bias": column_bias,
+        "attn.out.weight": row,
+        "mlp.up.weight": column,
+        "mlp.up.bias": column_bias,
+        "mlp.down.weight": row,
+        "mlp.w1": experts,
+        "mlp.w2": experts,
+    }
+    return {
+        name: by_suffix.get(name.split(".", 2)[2], REPLICATED)
+        if name.startswith("layers.")
+        else REPLICATED
+        for name in full_shapes(config)
+    }
+
+
+# --- parallel layers ------------------------------------------------------------------------
+
+
+class GroupAllReduce:
+    """Sums a tensor in place over this rank's TP or EP group (identity when `size == 1`).
+
+    The group is looked up on every call, never stored: restarting the communication groups
+    destroys them and creates new ones.
+    """
+
+    def __init__(self, groups: CommGroups | None, kind: Literal["tp", "ep"], size: int):
+        self.groups, self.kind, self.size = groups, kind, size
+
+    def __call__(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.size == 1:
+            return x
+        group = getattr(self.groups, f"{self.kind}_group", None)
+        if group is None:
+            rank = self.groups.parallel.rank if self.groups is not None else "?"
+            raise StateError(
+                f"rank {rank}: the {self.kind.upper()} group (size {self.size}) is not up; "
+                "start or restart the communication groups before a forward pass"
+            )
+        paddle.distributed.all_reduce(x, group=group)
+        return x
+
+
+class ColumnParallelLinear(nn.Layer):
+    """y = x @ W[:, shard] + b[shard]: output features split over TP; no communication."""
+
+    def __init__(self, in_features: int, out_features: int, parts: int, dtype: str):
+        super().__init__()
+        self.weight = self.create_parameter([in_features, out_features // parts], dtype=dtype)
+        self.bias = self.create_parameter([out_features // parts], dtype=dtype, is_bias=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, self.weight) + self.bias
+
+
+class RowParallelLinear(nn.Layer):
+    """y = all_reduce(x[shard] @ W[shard, :]) + b: input features split over TP.
+
+    The bias is replicated and added once, after the partial sums are reduced.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, parts: int, reduce: GroupAllReduce, dtype: str
+    ):
+        super().__init__()
+        self.weight = self.create_parameter([in_features // parts, out_features], dtype=dtype)
+        self.bias = self.create_parameter([out_features], dtype=dtype, is_bias=True)
+        self._reduce = reduce
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self._reduce(paddle.matmul(x, self.weight)) + self.bias
+
+
+def _causal_mask(queries: int, start: int) -> paddle.Tensor:
+    """[queries, start + queries]: query i (position start + i) sees keys 0..start + i."""
+    return paddle.triu(paddle.full([queries, start + queries], float("-inf")), diagonal=start + 1)
+
+
+class Attention(nn.Layer):
+    def __init__(self, config: ModelConfig, tp: int, reduce_tp: GroupAllReduce):
+        super().__init__()
+        d = config.d_model
+        self.local_heads, self.head_dim = config.n_heads // tp, config.head_dim
+        # qkv columns are laid out per head as [head][q|k|v][head_dim], so a contiguous
+        # column chunk of the full weight is whole heads: exactly what ShardSpec can cut.
+        self.qkv = ColumnParallelLinear(d, 3 * d, tp, config.dtype)
+        self.out = RowParallelLinear(d, d, tp, reduce_tp, config.dtype)
+
+    def forward(self, x: paddle.Tensor, start: int, kv: tuple | None) -> paddle.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).reshape([b, t, self.local_heads, 3, self.head_dim])
+        q, k, v = qkv.transpose([3, 0, 2, 1, 4]).unbind(0)  # each [b, heads, t, head_dim]
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:b, :, start : start + t] = k
+            v_cache[:b, :, start : start + t] = v
+            k, v = k_cache[:b, :, : start + t], v_cache[:b, :, : start + t]
+        scores = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim)
+        attn = paddle.matmul(F.softmax(scores + _causal_mask(t, start), axis=-1), v)
+        return self.out(attn.transpose([0, 2, 1, 3]).reshape([b, t, -1]))
+
+
+class DenseMLP(nn.Layer):
+    def __init__(self, config: ModelConfig, tp: int, reduce_tp: GroupAllReduce):
+        super().__init__()
+        self.up = ColumnParallelLinear(config.d_model, config.d_ff, tp, config.dtype)
+        self.down = RowParallelLinear(config.d_ff, config.d_model, tp, reduce_tp, config.dtype)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class MoE(nn.Layer):
+    """Top-k routed experts; this rank holds experts [first, first + local) of all E.
+
+    Every rank routes all tokens with the replicated gate, runs its own experts on every
+    token, weights each output by the token's routing weight (zero where the expert was not
+    chosen), and the EP all-reduce sums the ranks' parts into the full mixture.
+    """
+
+    def __init__(self, config: ModelConfig, ep_size: int, ep_rank: int, reduce_ep: GroupAllReduce):
+        super().__init__()
+        d, ff, self.top_k = config.d_model, config.d_ff, config.top_k
+        self.local = config.n_experts // ep_size
+        self.first = ep_rank * self.local
+        self.w1 = self.create_parameter([self.local, d, ff], dtype=config.dtype)
+        self.w2 = self.create_parameter([self.local, ff, d], dtype=config.dtype)
+        self.gate = nn.Linear(d, config.n_experts, bias_attr=False)
+        self._reduce = reduce_ep
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        shape = x.shape
+        tokens = x.reshape([-1, shape[-1]])  # [n, d]
+        probs = F.softmax(self.gate(tokens), axis=-1)
+        top_w, top_i = paddle.topk(probs, self.top_k)
+        top_w = top_w / top_w.sum(axis=-1, keepdim=True)
+        # [n, E]: each token's weight per expert, zero for experts it was not routed to.
+        combine = (F.one_hot(top_i, probs.shape[-1]) * top_w.unsqueeze(-1)).sum(axis=1)
+        mine = combine[:, self.first : self.first + self.local].transpose([1, 0]).unsqueeze(-1)
+        hidden = F.gelu(paddle.matmul(tokens, self.w1))  # [local, n, ff]
+        out = (paddle.matmul(hidden, self.w2) * mine).sum(axis=0)  # [n, d]
+        return self._reduce(out).reshape(shape)
+
+
+class Block(nn.Layer):
+    def __init__(self, config: ModelConfig, layer: int, parallel: ParallelConfig, groups):
+        super().__init__()
+        reduce_tp = GroupAllReduce(groups, "tp", parallel.tp)
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config, parallel.tp, reduce_tp)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        if config.is_moe_layer(layer):
+            reduce_ep = GroupAllReduce(groups, "ep", parallel.ep_size)
+            self.mlp = MoE(config, parallel.ep_size, parallel.ep_rank, reduce_ep)
+        else:
+            self.mlp = DenseMLP(config, parallel.tp, reduce_tp)
+
+    def forward(self, x: paddle.Tensor, start: int, kv: tuple | None) -> paddle.Tensor:
+        x = x + self.attn(self.ln1(x), start, kv)
+        return x + self.mlp(self.ln2(x))
+
+
+# --- KV cache and the model -----------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated per-layer K and V, [batch, local_heads, max_seq_len, head_dim] each.
+
+    Not a Layer and not registered as buffers, so it never shows up in `state_dict()`.
+    """
+
+    def __init__(self, config: ModelConfig, local_heads: int, batch: int = 1):
+        self._shape = [batch, local_heads, config.max_seq_len, config.head_dim]
+        self._layers, self._dtype = config.n_layers, config.dtype
+        self._tensors: list[tuple[paddle.Tensor, paddle.Tensor]] | None = None
+
+    @property
+    def status(self) -> KVCacheStatus:
+        return KVCacheStatus.CLEARED if self._tensors is None else KVCacheStatus.NORMAL
+
+    def alloc(self) -> None:
+        if self._tensors is None:
+            self._tensors = [
+                (paddle.zeros(self._shape, self._dtype), paddle.zeros(self._shape, self._dtype))
+                for _ in range(self._layers)
+            ]
+
+    def free(self) -> None:
+        self._tensors = None
+
+    def require(self) -> None:
+        if self._tensors is None:
+            raise StateError("the KV cache is freed; call alloc_kv_cache() before generating")
+
+    def layer(self, index: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+        self.require()
+        return self._tensors[index]
+
+
+class DecoderLM(nn.Layer):
+    """The full model (no `parallel`/`groups`: one process) or one rank's shard of it.
+
+    Building needs no process group; a forward pass over tp > 1 or EP does, and looks the
+    groups up in `groups` at call time.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel: ParallelConfig | None = None,
+        groups: CommGroups | None = None,
+    ):
+        super().__init__()
+        parallel = parallel or ParallelConfig()
+        config.check_parallel(parallel)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
+        self.layers = nn.LayerList(
+            [Block(config, i, parallel, groups) for i in range(config.n_layers)]
+        )
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias_attr=False)
+        self.kv_cache = KVCache(config, config.n_heads // parallel.tp)
+        self.kv_cache.alloc()
+
+    def forward(
+        self, tokens: paddle.Tensor, start: int = 0, use_cache: bool = False
+    ) -> paddle.Tensor:
+        """Logits [batch, t, vocab] for `tokens` [batch, t] at positions start..start+t-1.
+
+        Training: `start=0, use_cache=False` (causal over the whole sequence). Decoding:
+        `use_cache=True` writes this chunk's K/V into the cache and attends to all before it.
+        """
+        t = tokens.shape[1]
+        if start + t > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start}..{start + t - 1} exceed max_seq_len={self.config.max_seq_len}"
+            )
+        positions = paddle.arange(start, start + t).unsqueeze(0)
+        x = self.embed(tokens) + self.pos_embed(positions)
+        for i, block in enumerate(self.layers):
+            x = block(x, start, self.kv_cache.layer(i) if use_cache else None)
+        return self.lm_head(self.ln_f(x))
+
+    @paddle.no_grad()
+    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of one prompt. Deterministic.
+
+        The prompt keeps its last `max_seq_len - max_new_tokens` tokens (at least one); an
+        empty prompt starts from byte 0. There is no stop token, so every TP rank of a
+        replica runs the same number of steps and their collectives stay matched.
+        """
+        if max_new_tokens <= 0:
+            return []
+        self.kv_cache.require()
+        limit = self.config.max_seq_len
+        ids = list(prompt)[-max(1, limit - max_new_tokens) :] or [0]
+        logits = self(paddle.to_tensor([ids], dtype="int64"), start=0, use_cache=True)
+        pos, new = len(ids), []
+        while True:
+            new.append(int(paddle.argmax(logits[0, -1])))
+            if len(new) == max_new_tokens or pos == limit:
+                return new
+            logits = self(paddle.to_tensor([[new[-1]]], dtype="int64"), start=pos, use_cache=True)
+            pos += 1
+
+
+def next_token_loss(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:
+    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape([-1, vocab]), tokens[:, 1:].reshape([-1, 1]))
+
+
+def assign_parameters(model: DecoderLM, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy `arrays` (this rank's slices, by parameter name) into `model`'s parameters.
+
+    Works on cleared parameters too: `set_value` gives them storage again.
+    """
+    params = dict(model.named_parameters())
+    missing, unexpected = params.keys() - arrays.keys(), arrays.keys() - params.keys()
+    if missing or unexpected:
+        raise WeightMismatchError(
+            f"state dict does not match the model: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    for name, param in params.items():
+        array = arrays[name]
+        if tuple(array.shape) != tuple(param.shape):
+            raise WeightMismatchError(
+                f"parameter {name}: shape {tuple(array.shape)} given, model has {tuple(param.shape)}"
+            )
+        if array.dtype != np.dtype(model.config.dtype):
+            raise WeightMismatchError(
+                f"parameter {name}: dtype {array.dtype} given, model has {model.config.dtype}"
+            )
+        param.set_value(array)

@@ -1,0 +1,329 @@
+"""DynamicWeightManager: one rank's weights, cleared, restarted, reloaded and verified.
+
+The behaviours of FastDeploy's `fastdeploy/rl/dynamic_weight_manager.py`, made safe: every
+name, shape, dtype and checksum is checked before the first byte is written, nothing is ever
+unpickled, and failures raise one small hierarchy (`fd_ray_sync.errors`). Status lives in
+this object (read over Ray by the coordinator) instead of a shared-memory flag that workers
+poll.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.config import LoadConfig
+from fd_ray_sync.engine.base import InferenceEngine
+from fd_ray_sync.errors import StateError, VerificationError, WeightMismatchError
+from fd_ray_sync.log import get_logger
+from fd_ray_sync.messages import LoadReport, TensorMeta
+from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
+from fd_ray_sync.sources.base import WeightSource
+from fd_ray_sync.sources.memory import StateDictSource
+from fd_ray_sync.status import WEIGHT_TRANSITIONS, KVCacheStatus, ModelWeightsStatus
+from fd_ray_sync.tensors import FLOAT_DTYPES, element_strides
+from fd_ray_sync.version import read_version_file, validate_version
+
+
+class DynamicWeightManager:
+    """Owns the parameters of one rank's engine (one or several models)."""
+
+    def __init__(self, engine: InferenceEngine, load: LoadConfig):
+        self.engine = engine
+        self.load = load
+        self.parallel = engine.parallel
+        self.groups = engine.groups
+        self.rank = self.parallel.rank
+        self.log = get_logger(__name__, self.rank)
+        self.first_load = True
+        self.version: str | None = None
+        self._status = ModelWeightsStatus.NORMAL
+        self.params: dict[str, Any] = self._capture(engine.models())
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> ModelWeightsStatus:
+        return self._status
+
+    @property
+    def kv_cache_status(self) -> KVCacheStatus:
+        return self.engine.kv_cache_status
+
+    def _set_status(self, new: ModelWeightsStatus) -> None:
+        if new != self._status and new not in WEIGHT_TRANSITIONS[self._status]:
+            raise StateError(
+                f"rank {self.rank}: weight status cannot go from {self._status.name} to {new.name}"
+            )
+        self._status = new
+
+    def _capture(self, models: Iterable[Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for model in models:
+            for name, param in model.state_dict().items():
+                if name in params:
+                    raise StateError(f"parameter {name!r} is owned by two of the engine's models")
+                params[name] = param
+                self.log.debug("captured %s shape=%s dtype=%s", name, param.shape, param.dtype)
+        if not params:
+            raise StateError(f"rank {self.rank}: the engine's models have no parameters")
+        return params
+
+    def _timed(self, what: str, fn, *args) -> float:
+        start = time.perf_counter()
+        fn(*args)
+        seconds = time.perf_counter() - start
+        self.log.info("%s in %.3fs", what, seconds)
+        return seconds
+
+    # --- clear ---------------------------------------------------------------------------
+
+    def clear_parameters(self, shutdown_comm_groups: bool | None = None) -> float:
+        """Drop requests and KV cache, release the EP buffer, free every parameter's storage,
+        verify, then barrier (and optionally shut the TP/EP groups down). Returns seconds."""
+        if shutdown_comm_groups is None:
+            shutdown_comm_groups = self.parallel.shutdown_comm_groups_on_clear
+        if self._status == ModelWeightsStatus.CLEARED:
+            return 0.0
+        start = time.perf_counter()
+        self._set_status(ModelWeightsStatus.CLEARING)
+        self.engine.clear_requests()
+        self.engine.free_kv_cache()
+        if self.parallel.enable_expert_parallel:
+            self.engine.clear_ep_buffer()
+            self.groups.barrier("ep")
+        self._clear_storage()
+        self.verify_parameters("clearance")
+        self.groups.barrier("tp")
+        self.groups.barrier("ep")
+        if shutdown_comm_groups:
+            self.groups.shutdown()
+        self._set_status(ModelWeightsStatus.CLEARED)
+        seconds = time.perf_counter() - start
+        self.log.info("cleared parameters in %.3fs", seconds)
+        return seconds
+
+    def _clear_storage(self) -> None:
+        for param in self.params.values():
+            param._clear_data()
+
+    def clear_model_weight(self) -> float:
+        """Free every parameter's storage (no barriers)."""
+        return self._timed("cleared model weight", self._clear_storage)
+
+    def clear_ep_buffer(self) -> float:
+        """Release the engine's expert-parallel buffer."""
+        return self._timed("cleared EP buffer", self.engine.clear_ep_buffer)
+
+    def clear_communication_group(self) -> float:
+        """Barrier over, then shut down, the EP and TP groups."""
+
+        def run():
+            self.groups.barrier("ep")
+            self.groups.barrier("tp")
+            self.groups.shutdown()
+
+        return self._timed("cleared communication groups", run)
+
+    # --- restart -------------------------------------------------------------------------
+
+    def restart_communication_group(self) -> float:
+        """Bring the TP/EP groups back (skipped on the first load, as in FastDeploy)."""
+        if self.first_load:
+            return 0.0
+        return self._timed("restarted communication groups", self.groups.restart)
+
+    def recreate_ep_buffer(self) -> float:
+        """Allocate the EP buffer again and barrier over EP (skipped on the first load)."""
+        if self.first_load or not self.parallel.enable_expert_parallel:
+            return 0.0
+
+        def run():
+            self.engine.recreate_ep_buffer()
+            self.groups.barrier("ep")
+
+        return self._timed("recreated EP buffer", run)
+
+    # --- load ----------------------------------------------------------------------------
+
+    def update_parameters(self, source: WeightSource, version: str | None = None) -> LoadReport:
+        """Restart groups and the EP buffer (not on the first load), load `source`, and
+        re-allocate the KV cache. `finalize_update()` then verifies and commits."""
+        self.restart_communication_group()
+        self.recreate_ep_buffer()
+        report = self.load_weights(source, version)
+        self.engine.alloc_kv_cache()
+        return report
+
+    def reload_model_weights(self, source: WeightSource, version: str | None = None) -> LoadReport:
+        """Only the weight load step of `update_parameters`."""
+        return self.load_weights(source, version)
+
+    def update_from_state_dict(
+        self,
+        tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        version: str,
+        checksums: Mapping[str, int] | None = None,
+    ) -> LoadReport:
+        """Load a mapping or a stream of `(name, tensor)` pairs already cut to this rank."""
+        return self.load_weights(StateDictSource(tensors, checksums), version)
+
+    def read_model_version_from_file(self) -> str:
+        """`step` of `<model_dir>/version.yaml` (bootstrap loads take their version from it)."""
+        if self.load.model_dir is None:
+            raise StateError("LoadConfig.model_dir is not set: no version.yaml to read")
+        return read_version_file(self.load.model_dir)
+
+    def load_weights(self, source: WeightSource, version: str | None = None) -> LoadReport:
+        """Check everything `source` will deliver, then write it into the parameters.
+
+        Nothing is written unless every name the model has is present with the right shape
+        and dtype, every checksum matches and (when on) every value is finite. Names the model
+        lacks are skipped. Without `version`, the source's own (version.yaml) is used.
+        """
+        start = time.perf_counter()
+        version = validate_version(version) if version is not None else source.version()
+        previous = self._status
+        self._set_status(ModelWeightsStatus.UPDATING)
+        try:
+            wanted = self._check_manifest(source.manifest(), source.name)
+            if self.load.verify_checksum:
+                source.verify()
+            if self.load.check_finite:
+                self._check_finite(source, wanted)
+        except Exception:
+            self._status = previous  # nothing was written: the old weights still stand
+            raise
+        sync_s = time.perf_counter() - start
+
+        written = nbytes = 0
+        for label, chunk in source.chunks():
+            for name, (array, dtype) in chunk.items():
+                if name not in wanted:
+                    continue
+                param = self.params[name]
+                if param._is_initialized() and element_strides(array) != param.stride():
+                    self.log.warning(
+                        "%s: source strides %s differ from the parameter's %s",
+                        name,
+                        element_strides(array),
+                        param.stride(),
+                    )
+                write_param(param, array, dtype)
+                written += 1
+                nbytes += array.nbytes
+            self.log.debug("wrote %s", label)
+        source.close()
+        total_s = time.perf_counter() - start
+        self.version = version
+        report = LoadReport(
+            rank=self.rank,
+            version=version,
+            source=source.name,
+            sync_s=sync_s,
+            update_s=total_s - sync_s,
+            total_s=total_s,
+            nbytes=nbytes,
+            params_updated=written,
+        )
+        self.log.info(
+            "loaded %d/%d parameters (%.1f MB) from %s, version %s, in %.3fs",
+            written,
+            len(self.params),
+            nbytes / 1e6,
+            source.name,
+            version,
+            total_s,
+        )
+        return report
+
+    def _check_manifest(self, manifest: Mapping[str, TensorMeta], src: str) -> set[str]:
+        """The names to write; raises WeightMismatchError naming every bad parameter."""
+        if not manifest:
+            raise WeightMismatchError(f"no parameter found in the {src} source")
+        problems = []
+        wanted = set()
+        for name, meta in manifest.items():
+            param = self.params.get(name)
+            if param is None:
+                self.log.debug("ignoring %s parameter the model lacks: %s", src, name)
+                continue
+            if meta.dtype != param_dtype(param):
+                problems.append(f"{name}: dtype {meta.dtype}, model has {param_dtype(param)}")
+            elif tuple(meta.shape) != param_shape(param):
+                problems.append(
+                    f"{name}: shape {tuple(meta.shape)}, model has {param_shape(param)}"
+                )
+            wanted.add(name)
+        missing = sorted(set(self.params) - set(manifest))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if missing[5:] else "")
+            problems.append(f"missing from the update: {shown}")
+        if problems:
+            raise WeightMismatchError(
+                f"rank {self.rank}: {src} update does not fit the model: " + "; ".join(problems)
+            )
+        return wanted
+
+    def _check_finite(self, source: WeightSource, wanted: set[str]) -> None:
+        for label, chunk in source.chunks():
+            for name, (array, dtype) in chunk.items():
+                if name in wanted and dtype in FLOAT_DTYPES and dtype != "bfloat16":
+                    if not np.isfinite(array).all():
+                        raise WeightMismatchError(f"{name} (from {label}) holds NaN or Inf")
+
+    # --- verify / finalize ---------------------------------------------------------------
+
+    def verify_parameters(self, operation: str) -> None:
+        """After "update" every parameter holds storage; after "clearance" none does."""
+        if operation not in ("update", "clearance"):
+            raise ValueError(f"unknown operation {operation!r}; known: 'update', 'clearance'")
+        expected = operation == "update"
+        wrong = sorted(n for n, p in self.params.items() if p._is_initialized() != expected)
+        if wrong:
+            state = "uninitialized" if expected else "still holding storage"
+            raise VerificationError(
+                f"rank {self.rank}: after {operation}, {len(wrong)} parameter(s) {state}: "
+                + ", ".join(wrong[:5])
+            )
+        self.log.debug("parameter %s verified", operation)
+
+    def finalize_update(self) -> None:
+        """Verify every parameter is loaded, barrier over TP and EP, and go NORMAL."""
+        self.verify_parameters("update")
+        self.groups.barrier("tp")
+        self.groups.barrier("ep")
+        self._set_status(ModelWeightsStatus.NORMAL)
+        self.first_load = False
+
+    def fingerprint(self) -> str:
+        """A digest of this rank's parameters (names, dtypes, shapes and bytes)."""
+        uninitialized = [n for n, p in self.params.items() if not p._is_initialized()]
+        if uninitialized:
+            raise StateError(
+                f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
+            )
+        return fingerprint(
+            (name, param_dtype(p), read_param(p)) for name, p in self.params.items()
+        )
+
+    def memory_stats(self) -> dict[str, float]:
+        """Host RSS of this process, and the device allocator's figures where there is one."""
+        import resource
+
+        import paddle
+
+        stats = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+        if paddle.is_compiled_with_cuda():
+            cuda = paddle.device.cuda
+            stats.update(
+                gpu_allocated_gb=cuda.memory_allocated() / 2**30,
+                gpu_reserved_gb=cuda.memory_reserved() / 2**30,
+                gpu_max_allocated_gb=cuda.max_memory_allocated() / 2**30,
+            )
+        return stats
+

@@ -1,0 +1,269 @@
+"""Per-rank snapshot files (FastDeploy's `ipc_snapshot` strategy), reader and writer.
+
+A rank looks for its weights in this order, and takes the first that exists:
+
+1. numbered part files  `model_state.tp{rank}.{id}.part{N}.<ext>`, loaded in numeric order;
+2. one full file        `model_state.tp{rank}.{id}.<ext>`;
+3. the legacy name      `model_state.tp0{id}.<ext>`;
+4. the full file in the shared fallback folder.
+
+`<ext>` is `safetensors` or FastDeploy's `pdparams`; either way the content must be
+safetensors (a pickle is refused, never loaded). `{rank}` is the rank's TP rank: replicas of
+a data-parallel fleet hold the same slices and share files. Part numbers must run 0..N-1;
+files that look like parts but are misnamed are warned about and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fd_ray_sync.checksum import crc32
+from fd_ray_sync.config import LoadConfig, ParallelConfig
+from fd_ray_sync.errors import ChecksumError, SnapshotError
+from fd_ray_sync.log import get_logger
+from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.safetensors_io import SafetensorsFile, write_safetensors
+from fd_ray_sync.sharding import REPLICATED, ShardPlan, take_shard
+from fd_ray_sync.sources.base import Chunk, WeightSource, register_source
+from fd_ray_sync.tensors import to_host
+from fd_ray_sync.version import read_version_file, write_version_file
+
+EXTENSIONS = ("safetensors", "pdparams")
+CRC_KEY = "fd_ray_sync.crc32"
+
+
+def base_name(tp_rank: int, snapshot_id: int) -> str:
+    return f"model_state.tp{tp_rank}.{snapshot_id}"
+
+
+def find_snapshot_files(
+    folder: Path, tp_rank: int, snapshot_id: int = 0, fallback_dir: Path | None = None, log=None
+) -> list[Path]:
+    """The files holding `tp_rank`'s weights, by FastDeploy's priority order."""
+    log = log or get_logger(__name__, tp_rank)
+    base = base_name(tp_rank, snapshot_id)
+    if not folder.is_dir():
+        raise SnapshotError(f"snapshot folder {folder} does not exist")
+
+    parts = _part_files(folder, base, log)
+    if parts:
+        return parts
+    candidates = [folder / f"{base}.{ext}" for ext in EXTENSIONS]
+    candidates += [folder / f"model_state.tp0{snapshot_id}.{ext}" for ext in EXTENSIONS]
+    if fallback_dir is not None:
+        candidates += [fallback_dir / f"{base}.{ext}" for ext in EXTENSIONS]
+    for path in candidates:
+        if path.is_file():
+            if fallback_dir is not None and path.parent == fallback_dir:
+                log.info("no local snapshot in %s, falling back to %s", folder, path)
+            return [path]
+    checked = f"{folder} (parts, full, legacy)"
+    if fallback_dir is not None:
+        checked += f" and {fallback_dir}"
+    raise SnapshotError(f"no snapshot found for {base}: checked {checked}")
+
+
+def _part_files(folder: Path, base: str, log) -> list[Path]:
+    good = re.compile(rf"^{re.escape(base)}\.part(\d+)\.({'|'.join(EXTENSIONS)})$")
+    by_index: dict[int, Path] = {}
+    misnamed = []
+    for path in sorted(folder.glob(f"{base}.part*")):
+        match = good.match(path.name)
+        if not match:
+            misnamed.append(path.name)
+            continue
+        index = int(match.group(1))
+        if index in by_index:
+            raise SnapshotError(
+                f"snapshot part {index} of {base} exists twice: {by_index[index].name}, {path.name}"
+            )
+        by_index[index] = path
+    if misnamed:
+        log.warning(
+            "ignoring snapshot files in %s whose names do not match %s.part<N>.<ext>: %s",
+            folder,
+            base,
+            ", ".join(misnamed),
+        )
+    if by_index and sorted(by_index) != list(range(len(by_index))):
+        missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+        raise SnapshotError(
+            f"snapshot parts of {base} in {folder} have a gap: part(s) {missing} missing "
+            f"(found {sorted(by_index)})"
+        )
+    return [by_index[i] for i in sorted(by_index)]
+
+
+@register_source("snapshot")
+class SnapshotSource(WeightSource):
+    """One rank's snapshot, opened header-first: nothing is read until `chunks()`."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        tp_rank: int,
+        snapshot_id: int = 0,
+        fallback_dir: str | os.PathLike | None = None,
+        rank: int | None = None,
+    ):
+        self.folder = Path(folder)
+        self._log = get_logger(__name__, tp_rank if rank is None else rank)
+        fallback = Path(fallback_dir) if fallback_dir is not None else None
+        self.paths = find_snapshot_files(self.folder, tp_rank, snapshot_id, fallback, self._log)
+        self._files = [SafetensorsFile(p) for p in self.paths]
+        self._owner: dict[str, SafetensorsFile] = {}
+        for f in self._files:
+            for name in f.entries:
+                if name in self._owner:
+                    raise SnapshotError(
+                        f"tensor {name!r} appears in both {self._owner[name].path.name} "
+                        f"and {f.path.name}"
+                    )
+                self._owner[name] = f
+
+    @classmethod
+    def from_config(
+        cls, load: LoadConfig, parallel: ParallelConfig, folder: str | os.PathLike | None = None
+    ) -> SnapshotSource:
+        folder = folder if folder is not None else load.model_dir
+        if folder is None:
+            raise SnapshotError("no snapshot folder: set LoadConfig.model_dir or pass a folder")
+        return cls(folder, parallel.tp_rank, load.snapshot_id, load.fallback_dir, parallel.rank)
+
+    def manifest(self) -> dict[str, TensorMeta]:
+        out = {}
+        for f in self._files:
+            crcs = _crcs(f)
+            for name, e in f.entries.items():
+                out[name] = TensorMeta(
+                    name=name, shape=e.shape, dtype=e.dtype, nbytes=e.nbytes, crc32=crcs.get(name)
+                )
+        return out
+
+    def verify(self) -> None:
+        checked = 0
+        for f in self._files:
+            for name, want in _crcs(f).items():
+                if name not in f.entries:
+                    raise SnapshotError(f"{f.path}: checksum listed for missing tensor {name!r}")
+                if crc32(f.array(name)) != want:
+                    raise ChecksumError(f"{f.path}: tensor {name!r} does not match its checksum")
+                checked += 1
+        self._log.debug("verified %d checksums in %d file(s)", checked, len(self._files))
+
+    def chunks(self) -> Iterator[tuple[str, Chunk]]:
+        for i, f in enumerate(self._files):
+            self._log.debug("loading snapshot file %d/%d: %s", i + 1, len(self._files), f.path)
+            yield f.path.name, {name: (f.array(name), e.dtype) for name, e in f.entries.items()}
+            f.close()  # drop the mapping: extra memory stays about one part
+
+    def version(self) -> str:
+        return read_version_file(self.folder)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def _crcs(f: SafetensorsFile) -> dict[str, int]:
+    raw = f.metadata.get(CRC_KEY)
+    if raw is None:
+        return {}
+    try:
+        crcs = json.loads(raw)
+        return {str(k): int(v) for k, v in crcs.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SnapshotError(f"{f.path}: corrupt {CRC_KEY} metadata: {e}") from e
+
+
+# --- writer -----------------------------------------------------------------------------
+
+
+def plan_parts(sizes: Mapping[str, int], part_bytes: int) -> list[list[str]]:
+    """Group names (in order) into parts of at most `part_bytes`; a bigger tensor stands alone."""
+    parts: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if parts[-1] and used + size > part_bytes:
+            parts.append([])
+            used = 0
+        parts[-1].append(name)
+        used += size
+    return parts if parts[0] else []
+
+
+def write_rank_snapshot(
+    folder: str | os.PathLike,
+    tp_rank: int,
+    tensors: Mapping[str, Any],
+    part_bytes: int,
+    snapshot_id: int = 0,
+    ext: str = "safetensors",
+) -> list[Path]:
+    """Write one rank's (already sliced) paddle/torch/numpy tensors as snapshot files."""
+    host = {name: to_host(t) for name, t in tensors.items()}
+    return _write_rank_files(Path(folder), tp_rank, host, part_bytes, snapshot_id, ext)
+
+
+def _write_rank_files(
+    folder: Path, tp_rank: int, host: Chunk, part_bytes: int, snapshot_id: int, ext: str
+) -> list[Path]:
+    """Part files of at most `part_bytes` each (one part: the full file), with checksums.
+
+    Older files of this rank are removed afterwards, so a shorter snapshot never leaves stale
+    parts behind.
+    """
+    if ext not in EXTENSIONS:
+        raise SnapshotError(f"unknown snapshot extension {ext!r}; known: {', '.join(EXTENSIONS)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = plan_parts({n: a.nbytes for n, (a, _) in host.items()}, part_bytes)
+    base = base_name(tp_rank, snapshot_id)
+    if len(groups) == 1:
+        names = [f"{base}.{ext}"]
+    else:
+        names = [f"{base}.part{i}.{ext}" for i in range(len(groups))]
+    for file_name, group in zip(names, groups):
+        chunk = {n: host[n] for n in group}
+        crcs = {n: crc32(a) for n, (a, _) in chunk.items()}
+        write_safetensors(folder / file_name, chunk, {CRC_KEY: json.dumps(crcs)})
+    keep = set(names)
+    for stale in folder.glob(f"{base}.*"):
+        if stale.name not in keep and stale.suffix.lstrip(".") in EXTENSIONS:
+            stale.unlink()
+    return [folder / n for n in names]
+
+
+def write_snapshot(
+    folder: str | os.PathLike,
+    full_state: Mapping[str, Any],
+    plan_for: Callable[[int], ShardPlan],
+    tp: int,
+    version: str,
+    part_bytes: int,
+    snapshot_id: int = 0,
+    ext: str = "safetensors",
+) -> dict[int, list[Path]]:
+    """Cut a full state dict into each TP rank's slice, write the files, then version.yaml.
+
+    `plan_for(tp_rank)` is that rank's shard plan. version.yaml is written last, so a reader
+    that sees the new version sees complete files.
+    """
+    folder = Path(folder)
+    host = {name: to_host(t) for name, t in full_state.items()}
+    written = {}
+    for tp_rank in range(tp):
+        plan = plan_for(tp_rank)
+        local = {
+            name: (np.ascontiguousarray(take_shard(arr, plan.get(name, REPLICATED))), dtype)
+            for name, (arr, dtype) in host.items()
+        }
+        written[tp_rank] = _write_rank_files(folder, tp_rank, local, part_bytes, snapshot_id, ext)
+    write_version_file(folder, version)
+    return written
