@@ -31,4 +31,3 @@ class LoadReport(_Message):
     total_s: float
     nbytes: int = Field(description="Bytes written into parameters.")
     params_updated: int
-    fingerprint: str

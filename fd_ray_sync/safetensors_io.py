@@ -34,8 +34,9 @@ _CODE_TO_DTYPE = {
 }
 _DTYPE_TO_CODE = {v: k for k, v in _CODE_TO_DTYPE.items()}
 _MAX_HEADER = 100 << 20
-# First byte of a pickle stream (protocol 2+); also what paddle.save writes.
-_PICKLE_MAGIC = 0x80
+# A pickle stream (protocol 2+, as paddle.save writes) opens with PROTO 0x80 and its number.
+_PICKLE_MAGIC = b"\x80"
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 class TensorEntry:
@@ -81,23 +82,25 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], i
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if head[:1] == bytes([_PICKLE_MAGIC]):
-                raise SnapshotError(
-                    f"{path} is a pickle file (e.g. written by paddle.save); fd-ray-sync only "
-                    "reads safetensors and never unpickles. Re-save it with "
-                    "fd_ray_sync.safetensors_io.write_safetensors."
-                )
-            if len(head) < 8:
-                raise SnapshotError(f"{path} is truncated: {size} bytes, no safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise SnapshotError(
-                    f"{path} is not a valid safetensors file: header length {n} does not fit "
-                    f"in its {size} bytes (truncated or corrupt)"
-                )
-            raw = f.read(n)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            fits = 0 < n <= _MAX_HEADER and 8 + n <= size
+            raw = f.read(n) if fits else b""
     except OSError as e:
         raise SnapshotError(f"cannot read {path}: {e}") from e
+    if not raw.startswith(b"{"):
+        if head[:1] == _PICKLE_MAGIC and head[1:2] in _PICKLE_PROTOCOLS:
+            raise SnapshotError(
+                f"{path} is a pickle file (e.g. written by paddle.save); fd-ray-sync only "
+                "reads safetensors and never unpickles. Re-save it with "
+                "fd_ray_sync.safetensors_io.write_safetensors."
+            )
+        if len(head) < 8:
+            raise SnapshotError(f"{path} is truncated: {size} bytes, no safetensors header")
+        if not fits:
+            raise SnapshotError(
+                f"{path} is not a valid safetensors file: header length {n} does not fit "
+                f"in its {size} bytes (truncated or corrupt)"
+            )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

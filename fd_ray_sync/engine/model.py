@@ -301,7 +301,7 @@ class MoE(nn.Layer):
         mine = combine[:, self.first : self.first + self.local].transpose([1, 0]).unsqueeze(-1)
         hidden = F.gelu(paddle.matmul(tokens, self.w1))  # [local, n, ff]
         out = (paddle.matmul(hidden, self.w2) * mine).sum(axis=0)  # [n, d]
-        return self._reduce(out).reshape(shape)
+        return out.reshape(shape)
 
 
 class Block(nn.Layer):
