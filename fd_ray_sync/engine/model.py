@@ -301,11 +301,13 @@ class MoE(nn.Layer):
         mine = combine[:, self.first : self.first + self.local].transpose([1, 0]).unsqueeze(-1)
         hidden = F.gelu(paddle.matmul(tokens, self.w1))  # [local, n, ff]
         out = (paddle.matmul(hidden, self.w2) * mine).sum(axis=0)  # [n, d]
-        return out.reshape(shape)
+        return self._reduce(out).reshape(shape)
 
 
 class Block(nn.Layer):
-    def __init__(self, config: ModelConfig, layer: int, parallel: ParallelConfig, groups):
+    def __init__(
+        self, config: ModelConfig, layer: int, parallel: ParallelConfig, groups: CommGroups | None
+    ):
         super().__init__()
         reduce_tp = GroupAllReduce(groups, "tp", parallel.tp)
         self.ln1 = nn.LayerNorm(config.d_model)
@@ -435,10 +437,7 @@ def next_token_loss(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tens
 
 
 def assign_parameters(model: DecoderLM, arrays: Mapping[str, np.ndarray]) -> None:
-    """Copy `arrays` (this rank's slices, by parameter name) into `model`'s parameters.
-
-    Works on cleared parameters too: `set_value` gives them storage again.
-    """
+    """Copy `arrays` (this rank's slices, by parameter name) into `model`'s parameters."""
     params = dict(model.named_parameters())
     missing, unexpected = params.keys() - arrays.keys(), arrays.keys() - params.keys()
     if missing or unexpected:
@@ -447,13 +446,21 @@ def assign_parameters(model: DecoderLM, arrays: Mapping[str, np.ndarray]) -> Non
             f"unexpected {sorted(unexpected)}"
         )
     for name, param in params.items():
-        array = arrays[name]
-        if tuple(array.shape) != tuple(param.shape):
-            raise WeightMismatchError(
-                f"parameter {name}: shape {tuple(array.shape)} given, model has {tuple(param.shape)}"
-            )
-        if array.dtype != np.dtype(model.config.dtype):
-            raise WeightMismatchError(
-                f"parameter {name}: dtype {array.dtype} given, model has {model.config.dtype}"
-            )
-        param.set_value(array)
+        set_parameter(name, param, arrays[name])
+
+
+def set_parameter(name: str, param: paddle.Tensor, array: np.ndarray) -> None:
+    """Copy one array into one parameter after checking shape and dtype.
+
+    Works on cleared parameters too: `set_value` gives them storage again.
+    """
+    if tuple(array.shape) != tuple(param.shape):
+        raise WeightMismatchError(
+            f"parameter {name}: shape {tuple(array.shape)} given, model has {tuple(param.shape)}"
+        )
+    expected = str(param.dtype).removeprefix("paddle.")
+    if array.dtype.name != expected:
+        raise WeightMismatchError(
+            f"parameter {name}: dtype {array.dtype} given, model has {expected}"
+        )
+    param.set_value(np.ascontiguousarray(array))

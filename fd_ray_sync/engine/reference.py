@@ -20,6 +20,7 @@ from fd_ray_sync.engine.model import (
     ModelConfig,
     assign_parameters,
     full_shapes,
+    set_parameter,
     shard_plan,
 )
 from fd_ray_sync.errors import ConfigError, WeightMismatchError
@@ -41,7 +42,8 @@ def iter_full_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str, 
         if name.endswith("embed.weight"):
             yield name, noise
         elif len(shape) == 1:
-            is_norm_weight = ".ln" in f".{name}" and name.endswith(".weight")
+            owner = name.rsplit(".", 2)[-2]  # "ln1" in "layers.0.ln1.weight"
+            is_norm_weight = owner.startswith("ln") and name.endswith(".weight")
             yield name, (1.0 + 0.1 * noise) if is_norm_weight else 0.1 * noise
         else:
             # [.., in, out]: scale by fan-in, as for a Linear.
@@ -139,13 +141,9 @@ class ReferenceEngine(InferenceEngine):
 
         Slices one full tensor at a time, so a rank never holds the whole full model.
         """
-        plan = self.shard_plan()
-        # A copy of each slice, so the full tensor it was cut from can be freed at once.
-        local = {
-            name: take_shard(full, plan[name]).copy()
-            for name, full in iter_full_state_dict(self.config, seed)
-        }
-        assign_parameters(self.model, local)
+        plan, params = self.shard_plan(), dict(self.model.named_parameters())
+        for name, full in iter_full_state_dict(self.config, seed):
+            set_parameter(name, params[name], take_shard(full, plan[name]))
 
     def load_full_state_dict(self, full: Mapping[str, np.ndarray]) -> None:
         """Cut a full state dict to this rank's slices and copy them into the parameters."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fd_ray_sync.buckets import plan_parts
 from fd_ray_sync.checksum import crc32
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.errors import ChecksumError, SnapshotError
@@ -184,19 +185,6 @@ def _crcs(f: SafetensorsFile) -> dict[str, int]:
 
 
 # --- writer -----------------------------------------------------------------------------
-
-
-def plan_parts(sizes: Mapping[str, int], part_bytes: int) -> list[list[str]]:
-    """Group names (in order) into parts of at most `part_bytes`; a bigger tensor stands alone."""
-    parts: list[list[str]] = [[]]
-    used = 0
-    for name, size in sizes.items():
-        if parts[-1] and used + size > part_bytes:
-            parts.append([])
-            used = 0
-        parts[-1].append(name)
-        used += size
-    return parts if parts[0] else []
 
 
 def write_rank_snapshot(

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
+from fd_ray_sync.buckets import plan_parts
 from fd_ray_sync.errors import ChecksumError, SnapshotError, VersionError
 from fd_ray_sync.safetensors_io import write_safetensors
 from fd_ray_sync.sharding import ShardSpec
 from fd_ray_sync.sources.snapshot import (
     SnapshotSource,
     find_snapshot_files,
-    plan_parts,
     write_rank_snapshot,
     write_snapshot,
 )

@@ -1,0 +1,104 @@
+"""Bucketing: grouping tensors into transfer units. Pure functions over numpy.
+
+A bucket is a list of contiguous host arrays plus a `BucketMeta` naming each one. Ray stores a
+list of numpy arrays as out-of-band buffers, so `ray.put(bucket)` is the trainer's single copy
+and `ray.get` on a rank's node is a zero-copy, read-only view of the store:
+
+    BucketMeta(index=3, tensors=[TensorMeta(name="layers.0.mlp.up.weight", shape=(64, 128),
+               dtype="float32", nbytes=32768, crc32=...), ...])
+    arrays    = [<uint8/float32 array of 32768 bytes>, ...]    # same order as `tensors`
+
+Shapes in a bucket are the full (unsharded) shapes; each rank cuts its own slice on arrival.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from fd_ray_sync.checksum import crc32
+from fd_ray_sync.errors import WeightMismatchError
+from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.tensors import to_host
+
+
+class BucketMeta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int
+    tensors: tuple[TensorMeta, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_parts(sizes: Mapping[str, int], part_bytes: int) -> list[list[str]]:
+    """Group names, in order, into parts of at most `part_bytes`; a bigger tensor stands alone."""
+    parts: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if parts[-1] and used + size > part_bytes:
+            parts.append([])
+            used = 0
+        parts[-1].append(name)
+        used += size
+    return parts if parts[0] else []
+
+
+def iter_buckets(
+    weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    bucket_bytes: int,
+    checksum: bool = True,
+) -> Iterator[tuple[BucketMeta, list[np.ndarray]]]:
+    """Stream `(name, tensor)` pairs (paddle, torch or numpy) into buckets of ~`bucket_bytes`.
+
+    Tensors are taken as zero-copy host views where the framework allows; only one bucket's
+    worth of references is held at a time, so a trainer can stream layer by layer.
+    """
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    metas: list[TensorMeta] = []
+    arrays: list[np.ndarray] = []
+    used = 0
+    index = 0
+    seen: set[str] = set()
+    for name, tensor in pairs:
+        if name in seen:
+            raise WeightMismatchError(f"parameter {name!r} appears twice in the update")
+        seen.add(name)
+        array, dtype = to_host(tensor)
+        array = np.ascontiguousarray(array)
+        if arrays and used + array.nbytes > bucket_bytes:
+            yield BucketMeta(index=index, tensors=tuple(metas)), arrays
+            metas, arrays, used, index = [], [], 0, index + 1
+        metas.append(
+            TensorMeta(
+                name=name,
+                shape=array.shape,
+                dtype=dtype,
+                nbytes=array.nbytes,
+                crc32=crc32(array) if checksum else None,
+            )
+        )
+        arrays.append(array)
+        used += array.nbytes
+    if arrays:
+        yield BucketMeta(index=index, tensors=tuple(metas)), arrays
+
+
+def bucket_views(meta: BucketMeta, arrays: list[np.ndarray]) -> Iterator[tuple[TensorMeta, np.ndarray]]:
+    """Each tensor of a received bucket as a (meta, full-shape array) pair, checked for size."""
+    if len(arrays) != len(meta.tensors):
+        raise WeightMismatchError(
+            f"bucket {meta.index} holds {len(arrays)} arrays, its metadata lists "
+            f"{len(meta.tensors)}"
+        )
+    for t, array in zip(meta.tensors, arrays):
+        if array.nbytes != t.nbytes:
+            raise WeightMismatchError(
+                f"bucket {meta.index}: {t.name} has {array.nbytes} bytes, metadata says {t.nbytes}"
+            )
+        yield t, array
