@@ -13,17 +13,22 @@ def crc32(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def fingerprint(named: Iterable[tuple[str, str, np.ndarray]]) -> str:
-    """One hex digest for (name, dtype, array) triples, independent of their order.
+def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], crc: int) -> int:
+    """Digest of one tensor: its name, dtype, shape and the CRC-32 of its bytes."""
+    return zlib.crc32(f"{name}|{dtype}|{tuple(shape)}".encode(), crc)
 
-    Each tensor contributes its name, dtype, shape and bytes; the per-tensor digests are
-    combined in name order, so two ranks holding equal tensors get equal fingerprints.
-    """
-    parts = sorted(
-        (name, zlib.crc32(f"{name}|{dtype}|{tuple(arr.shape)}".encode(), crc32(arr)))
-        for name, dtype, arr in named
-    )
+
+def combine_digests(digests: Iterable[tuple[str, int]]) -> str:
+    """One hex fingerprint from (name, tensor_digest) pairs, independent of their order."""
     acc = 0
-    for name, value in parts:
+    for name, value in sorted(digests):
         acc = zlib.crc32(f"{name}:{value:08x};".encode(), acc)
     return f"{acc:08x}"
+
+
+def fingerprint(named: Iterable[tuple[str, str, np.ndarray]]) -> str:
+    """Fingerprint of (name, dtype, array) triples: equal tensors give equal fingerprints,
+    whatever their order or the rank holding them."""
+    return combine_digests(
+        (name, tensor_digest(name, dtype, arr.shape, crc32(arr))) for name, dtype, arr in named
+    )

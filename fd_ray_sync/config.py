@@ -107,3 +107,33 @@ class ParallelConfig(_Frozen):
     def for_rank(self, rank: int) -> ParallelConfig:
         """The same layout seen from another rank."""
         return ParallelConfig(**{**self.model_dump(), "rank": rank})
+
+
+class FleetConfig(_Frozen):
+    """A Ray fleet of `dp` replicas x `tp` ranks and how its coordinator runs updates."""
+
+    name: str = Field("fd-ray-sync", min_length=1, description="Name of the coordinator actor.")
+    namespace: str = Field("fd_ray_sync", min_length=1, description="Ray namespace of the fleet.")
+    tp: int = Field(2, ge=1, description="Tensor-parallel ranks per replica.")
+    dp: int = Field(1, ge=1, description="Replicas.")
+    enable_expert_parallel: bool = Field(True, description="Split MoE experts over each replica.")
+    model: str = Field("tiny", description="Reference-engine model preset (default factory only).")
+    load: LoadConfig = Field(
+        default_factory=lambda: LoadConfig(load_strategy="object_store"),
+        description="Checks applied to every load; model_dir set means bootstrap from a snapshot.",
+    )
+    phase_timeout_s: float = Field(120.0, gt=0, description="Barrier timeout of each phase.")
+    clear_before_load: bool = Field(
+        False, description="Free weights (and KV cache) before loading, to make room (in-place)."
+    )
+    detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
+    use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
+
+    def parallel(self, rank: int = 0) -> ParallelConfig:
+        return ParallelConfig(
+            tp=self.tp,
+            dp=self.dp,
+            enable_expert_parallel=self.enable_expert_parallel,
+            rank=rank,
+            backend="nccl" if self.use_gpu else "gloo",
+        )

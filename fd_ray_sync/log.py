@@ -10,7 +10,13 @@ class _PrefixAdapter(logging.LoggerAdapter):
         return f"{self.extra['prefix']} {msg}", kwargs
 
 
-def get_logger(name: str, rank: int | None = None) -> logging.LoggerAdapter:
-    """Logger for `name` whose lines start with `[rank N]`, or `[driver]` without a rank."""
-    prefix = "[driver]" if rank is None else f"[rank {rank}]"
+def get_logger(name: str, rank: int | str | None = None) -> logging.LoggerAdapter:
+    """Logger for `name` whose lines start with `[rank N]`, `[<role>]` for a string, or
+    `[driver]` without either."""
+    if rank is None:
+        prefix = "[driver]"
+    elif isinstance(rank, str):
+        prefix = f"[{rank}]"
+    else:
+        prefix = f"[rank {rank}]"
     return _PrefixAdapter(logging.getLogger(name), {"prefix": prefix})

@@ -206,9 +206,12 @@ class DynamicWeightManager:
                 if name not in wanted:
                     continue
                 param = self.params[name]
-                if param._is_initialized() and element_strides(array) != param.stride():
+                if param._is_initialized() and _layout(element_strides(array)) != _layout(
+                    param.stride()
+                ):
                     self.log.warning(
-                        "%s: source strides %s differ from the parameter's %s",
+                        "%s: source strides %s lay memory out differently from the "
+                        "parameter's %s (copied element by element)",
                         name,
                         element_strides(array),
                         param.stride(),
@@ -327,3 +330,9 @@ class DynamicWeightManager:
             )
         return stats
 
+
+
+def _layout(strides) -> list[int]:
+    """Axes from outermost to innermost in memory. A slice of a full tensor keeps the full
+    tensor's strides, so only a different order (e.g. a transposed source) is a mismatch."""
+    return sorted(range(len(strides)), key=lambda ax: -strides[ax])

@@ -31,3 +31,23 @@ class LoadReport(_Message):
     total_s: float
     nbytes: int = Field(description="Bytes written into parameters.")
     params_updated: int
+
+
+class UpdateReport(_Message):
+    """What one fleet update did: the coordinator's answer to `Fleet.update`."""
+
+    version: str
+    nbytes: int = Field(description="Bytes the trainer put into the transfer (the full model).")
+    phase_s: dict[str, float] = Field(description="Seconds of each transaction phase.")
+    total_s: float
+    ranks: tuple[LoadReport, ...]
+    fingerprints: dict[int, str] = Field(description="Rank -> fingerprint of its weights.")
+
+
+class GenerationResult(_Message):
+    """One prompt's completion and the weight version that produced it."""
+
+    prompt: str
+    text: str
+    version: str
+    replica: int

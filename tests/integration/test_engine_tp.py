@@ -39,8 +39,9 @@ def free_ports(count: int) -> list[int]:
 def rank_worker(rank: int, endpoints: list[str], expert_parallel: bool, queue) -> None:
     """One rank: join the world, load its slice of the seeded weights, report what it computes.
 
-    Also tears the groups down and brings them back, since the layers must find the new
-    groups rather than the destroyed ones.
+    Then tears the groups down and brings them back (the layers must find the new groups,
+    not the destroyed ones), clears every parameter and refills it with `seed_weights`,
+    which must cut the same slices as `load_full_state_dict`.
     """
     try:
         parallel = ParallelConfig(tp=2, rank=rank, enable_expert_parallel=expert_parallel)
@@ -58,13 +59,16 @@ def rank_worker(rank: int, endpoints: list[str], expert_parallel: bool, queue) -
         except StateError:
             refused = True
         groups.restart()
+        for param in engine.model.parameters():
+            param._clear_data()
+        engine.seed_weights(SEED)
         queue.put(
             {
                 "rank": rank,
                 "logits": logits,
                 "texts": texts,
                 "refused_without_groups": refused,
-                "logits_after_restart": engine.logits(TOKENS),
+                "logits_after_refill": engine.logits(TOKENS),
             }
         )
     except BaseException:
@@ -106,7 +110,7 @@ def test_two_ranks_match_the_full_model(expert_parallel: bool) -> None:
     for result in results:
         np.testing.assert_allclose(result["logits"], expected_logits, atol=1e-4, rtol=0)
         np.testing.assert_allclose(
-            result["logits_after_restart"], expected_logits, atol=1e-4, rtol=0
+            result["logits_after_refill"], expected_logits, atol=1e-4, rtol=0
         )
         assert result["texts"] == expected_texts
         assert result["refused_without_groups"]

@@ -1,0 +1,163 @@
+"""The driver API: launch or connect to a fleet, push weights, generate, inspect.
+
+    fleet = Fleet.launch(FleetConfig(tp=2, dp=1))
+    report = fleet.update(model.state_dict(), version=step)     # paddle, torch or numpy
+    results = fleet.generate(["Hello"], max_new_tokens=16)     # each carries its version
+
+`Fleet` is the trainer side of the object-store transfer: it packs the weights into buckets,
+`ray.put`s them (the trainer's one copy), and hands the refs to the coordinator, which runs
+the all-or-nothing transaction on every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ray
+
+from fd_ray_sync.buckets import iter_buckets
+from fd_ray_sync.checksum import combine_digests, crc32, tensor_digest
+from fd_ray_sync.comm import CommGroups
+from fd_ray_sync.config import FleetConfig, ParallelConfig
+from fd_ray_sync.errors import StateError
+from fd_ray_sync.log import get_logger
+from fd_ray_sync.messages import GenerationResult, UpdateReport
+from fd_ray_sync.sharding import REPLICATED, ShardSpec, take_shard
+from fd_ray_sync.version import validate_version
+
+log = get_logger(__name__)
+
+
+def reference_engine(model: str, parallel: ParallelConfig, groups: CommGroups):
+    """The default engine factory: the reference LM preset `model`, zero-initialized."""
+    from fd_ray_sync.engine.model import preset
+    from fd_ray_sync.engine.reference import ReferenceEngine
+
+    return ReferenceEngine(preset(model), parallel, groups)
+
+
+class Fleet:
+    """A handle on a running fleet (its named CoordinatorActor)."""
+
+    def __init__(self, coordinator: Any, config: FleetConfig):
+        self.coordinator = coordinator
+        self.config = config
+        self._plans: dict[int, dict[str, ShardSpec]] | None = None
+
+    @classmethod
+    def launch(
+        cls, config: FleetConfig | None = None, engine_factory=None, address: str | None = None
+    ) -> Fleet:
+        """Start the coordinator and `dp * tp` rank actors (joins or starts a Ray cluster)."""
+        from actors.coordinator import CoordinatorActor
+
+        config = config or FleetConfig()
+        _ensure_ray(address, config.namespace)
+        factory = engine_factory or functools.partial(reference_engine, config.model)
+        coordinator = CoordinatorActor.options(
+            name=config.name,
+            namespace=config.namespace,
+            lifetime="detached" if config.detached else None,
+        ).remote(config, factory)
+        try:
+            ray.get(coordinator.start.remote())
+        except Exception:
+            ray.kill(coordinator)
+            raise
+        return cls(coordinator, config)
+
+    @classmethod
+    def connect(
+        cls, name: str = "fd-ray-sync", namespace: str = "fd_ray_sync", address: str | None = None
+    ) -> Fleet:
+        """Attach to a fleet launched elsewhere (e.g. a detached one) by its name."""
+        _ensure_ray(address, namespace)
+        try:
+            coordinator = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            raise StateError(f"no fleet named {name!r} in namespace {namespace!r}") from None
+        status = ray.get(coordinator.status.remote())
+        config = FleetConfig(name=name, namespace=namespace, tp=status["tp"], dp=status["dp"])
+        return cls(coordinator, config)
+
+    # --- updates -------------------------------------------------------------------------
+
+    def update(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        version: str | int,
+        force: bool = False,
+        verify_fingerprints: bool = True,
+    ) -> UpdateReport:
+        """Push full (unsharded) weights to every rank; returns when committed or raises.
+
+        `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy);
+        only one bucket of references is held while packing, so a trainer can stream.
+        With `verify_fingerprints`, each rank's weights must match the fingerprint computed
+        here for its slice.
+        """
+        version = validate_version(version)
+        # Replicas hold the same slices: one digest per TP rank serves every replica.
+        all_plans = self.shard_plans() if verify_fingerprints else {}
+        plans = {r: p for r, p in all_plans.items() if r < self.config.tp}
+        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in plans}
+        metas, refs = [], []
+        load = self.config.load
+        for meta, arrays in iter_buckets(weights, load.bucket_bytes, load.verify_checksum):
+            for t, array in zip(meta.tensors, arrays):
+                for rank, plan in plans.items():
+                    spec = plan.get(t.name, REPLICATED)
+                    local = take_shard(array, spec)
+                    digests[rank].append(
+                        (t.name, tensor_digest(t.name, t.dtype, local.shape, crc32(local)))
+                    )
+            refs.append(ray.put(arrays))
+            metas.append(meta)
+        by_tp = {rank: combine_digests(d) for rank, d in digests.items()}
+        expected = {r: by_tp[r % self.config.tp] for r in all_plans} or None
+        return ray.get(
+            self.coordinator.update_buckets.remote(metas, refs, version, expected, force)
+        )
+
+    def update_from_snapshot(
+        self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
+    ) -> UpdateReport:
+        """Every rank loads its own files from `path` (a folder all nodes can read)."""
+        version = validate_version(version) if version is not None else None
+        folder = os.fspath(os.path.abspath(path))
+        return ray.get(self.coordinator.update_snapshot.remote(folder, version, force))
+
+    def clear(self) -> None:
+        ray.get(self.coordinator.clear.remote())
+
+    # --- serving and status --------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 32, replica: int | None = None
+    ) -> list[GenerationResult]:
+        return ray.get(self.coordinator.generate.remote(list(prompts), max_new_tokens, replica))
+
+    def status(self) -> dict:
+        return ray.get(self.coordinator.status.remote())
+
+    def shard_plans(self) -> dict[int, dict[str, ShardSpec]]:
+        """Rank -> its shard plan (one per TP rank would do; replicas repeat them)."""
+        if self._plans is None:
+            raw = ray.get(self.coordinator.shard_plans.remote())
+            self._plans = {
+                r: {n: ShardSpec(**s) for n, s in plan.items()} for r, plan in raw.items()
+            }
+        return self._plans
+
+    def shutdown(self) -> None:
+        """Stop the ranks and the coordinator."""
+        ray.get(self.coordinator.shutdown.remote())
+        ray.kill(self.coordinator)
+
+
+def _ensure_ray(address: str | None, namespace: str) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace)
