@@ -86,7 +86,7 @@ class ReferenceEngine(InferenceEngine):
             "reference engine built: tp=%d ep=%d, %d local parameters",
             self.parallel.tp,
             self.parallel.ep_size,
-            len(self.shard_plan()),
+            len(self.model.parameters()),
         )
 
     # --- InferenceEngine -------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import time
 import traceback
+from queue import Empty
 
 import numpy as np
 import pytest
@@ -75,6 +77,20 @@ def rank_worker(rank: int, endpoints: list[str], expert_parallel: bool, queue) -
         queue.put({"rank": rank, "error": traceback.format_exc()})
 
 
+def collect(queue, procs: list) -> list[dict]:
+    """One report per process; fails fast when a process dies without reporting."""
+    results: list[dict] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=1))
+        except Empty:
+            crashed = {p.pid: p.exitcode for p in procs if p.exitcode not in (None, 0)}
+            assert not crashed, f"rank process(es) died without a report (pid: exit code) {crashed}"
+            assert time.monotonic() < deadline, f"no report from every rank in {TIMEOUT_S} s"
+    return results
+
+
 def run_two_ranks(expert_parallel: bool) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -86,7 +102,7 @@ def run_two_ranks(expert_parallel: bool) -> list[dict]:
     for proc in procs:
         proc.start()
     try:
-        results = [queue.get(timeout=TIMEOUT_S) for _ in procs]
+        results = collect(queue, procs)
     finally:
         for proc in procs:
             proc.join(timeout=30)

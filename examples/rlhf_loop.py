@@ -1,0 +1,154 @@
+"""An RLHF-style loop as a Ray driver: a trainer actor learns, a TP=2 fleet serves its weights.
+
+Each step: the fleet generates rollouts -> a rule-based reward scores them -> the trainer takes
+a few Adam steps (reward-weighted likelihood of the rollouts plus a small supervised term on
+built-in demonstrations) -> its full state dict goes to the fleet with `fleet.update`. Every
+rollout must come from the version pushed just before it.
+
+    python examples/rlhf_loop.py --steps 3                  # starts (or joins) a local Ray
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \\
+        -- python examples/rlhf_loop.py                     # inside an existing cluster
+
+See examples/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import ray
+
+from fd_ray_sync.config import FleetConfig
+from fd_ray_sync.engine import tokenizer
+from fd_ray_sync.engine.model import DecoderLM, assign_parameters, preset
+from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.fleet import Fleet
+
+PROMPTS = ("Ray says: ", "The fleet: ", "Weights: ", "Step up: ")
+# The reward: how much of a completion matches this pattern, position by position.
+TARGET = "ray "
+NAMESPACE = "fd_ray_sync"
+
+
+def reward(completion: str, target: str = TARGET) -> float:
+    """Fraction of the completion's characters that match `target` repeated."""
+    if not completion:
+        return 0.0
+    pattern = (target * (len(completion) // len(target) + 1))[: len(completion)]
+    return sum(a == b for a, b in zip(completion, pattern)) / len(completion)
+
+
+@ray.remote(num_cpus=0)  # Fits next to the two rank actors on a 2-core machine.
+class Trainer:
+    """The full (TP=1) reference model with an Adam optimizer, in one process."""
+
+    def __init__(self, model: str, seed: int, lr: float, new_tokens: int):
+        paddle.seed(seed)
+        config = preset(model)
+        self.max_len = config.max_seq_len
+        self.model = DecoderLM(config)
+        assign_parameters(self.model, init_full_state_dict(config, seed))
+        self.model.train()
+        self.opt = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
+        self.demo_len = new_tokens
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Full weights as numpy, by the parameter names the fleet's ranks use."""
+        return {name: p.numpy() for name, p in self.model.named_parameters()}
+
+    def _completion_logprob(self, prompt: str, completion: str) -> paddle.Tensor:
+        """Sum of log p(completion token | everything before it)."""
+        p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
+        ids = (p_ids + c_ids)[: self.max_len]
+        tokens = paddle.to_tensor([ids], dtype="int64")
+        logp = F.log_softmax(self.model(tokens)[0, :-1], axis=-1)  # predicts ids[1:]
+        picked = paddle.take_along_axis(logp, tokens[0, 1:].unsqueeze(-1), axis=-1)
+        return picked[len(p_ids) - 1 :].sum()
+
+    def train_step(self, rollouts: list[tuple[str, str, float]], iters: int) -> float:
+        """`iters` Adam steps on -(advantage-weighted rollout likelihood) + demo NLL."""
+        rewards = np.array([r for _, _, r in rollouts], dtype=np.float32)
+        advantages = rewards - rewards.mean()
+        demos = [(p, (TARGET * self.demo_len)[: self.demo_len]) for p, _, _ in rollouts]
+        for _ in range(iters):
+            pg = sum(
+                -float(a) * self._completion_logprob(p, c) / max(1, len(c))
+                for (p, c, _), a in zip(rollouts, advantages)
+            )
+            sft = sum(-self._completion_logprob(p, d) / len(d) for p, d in demos)
+            loss = (pg + sft) / len(rollouts)
+            loss.backward()
+            self.opt.step()
+            self.opt.clear_grad()
+        return float(loss)
+
+
+def rollout(fleet: Fleet, version: int, new_tokens: int) -> list[tuple[str, str, float]]:
+    """Generate from the fleet and score; every result must carry `version`."""
+    results = fleet.generate(list(PROMPTS), max_new_tokens=new_tokens)
+    stale = [r.version for r in results if r.version != str(version)]
+    if stale:
+        raise RuntimeError(f"expected every rollout from version {version}, got {stale}")
+    return [(r.prompt, r.text, reward(r.text)) for r in results]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="Train/update steps.")
+    parser.add_argument("--new-tokens", type=int, default=12, help="Tokens per rollout.")
+    parser.add_argument("--iters", type=int, default=8, help="Adam steps per train step.")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate.")
+    parser.add_argument("--seed", type=int, default=0, help="Initial weights' seed.")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray address; default: RAY_ADDRESS (set by `ray job submit`), a running local "
+        "cluster, or a new local one.",
+    )
+    args = parser.parse_args(argv)
+
+    ray.init(address=args.address, namespace=NAMESPACE)
+    name = f"rlhf-{uuid.uuid4().hex[:8]}"
+    trainer = Trainer.remote("tiny", args.seed, args.lr, args.new_tokens)
+    fleet = Fleet.launch(FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model="tiny"))
+    try:
+        # Version 0: the trainer's initial weights, so the fleet has something to serve.
+        report = fleet.update(ray.get(trainer.state_dict.remote()), version=0)
+        print(f"fleet {name} serving version {report.version}", flush=True)
+        version = 0
+        for step in range(1, args.steps + 1):
+            rollouts = rollout(fleet, version, args.new_tokens)
+            mean_reward = float(np.mean([r for _, _, r in rollouts]))
+            loss = ray.get(trainer.train_step.remote(rollouts, args.iters))
+            state = ray.get(trainer.state_dict.remote())
+            t = time.perf_counter()
+            report = fleet.update(state, version=step)
+            update_s = time.perf_counter() - t
+            version = step
+            print(
+                f"step {step}: reward {mean_reward:.3f} loss {loss:.3f} "
+                f"version {report.version} update {update_s:.3f}s "
+                f"({report.nbytes / 1e6:.2f} MB) sample {rollouts[0][1]!r}",
+                flush=True,
+            )
+        final = rollout(fleet, version, args.new_tokens)
+        print(
+            f"final: reward {np.mean([r for _, _, r in final]):.3f} version {version} "
+            f"sample {final[0][1]!r}",
+            flush=True,
+        )
+    finally:
+        fleet.shutdown()
+        ray.kill(trainer)
+    print("rlhf loop done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The `fd-ray-sync` command: a demo of the whole loop, and commands for a running fleet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from fd_ray_sync.errors import WeightSyncError
+
+
+def _fleet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="fd-ray-sync", help="fleet (coordinator actor) name")
+    p.add_argument("--namespace", default="fd_ray_sync", help="Ray namespace of the fleet")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fd-ray-sync", description="Move trained weights into a running Ray inference fleet."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small LM and push its weights to a fleet")
+    demo.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    demo.add_argument("--dp", type=int, default=1, help="replicas")
+    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks per replica")
+    demo.add_argument("--no-experts", action="store_true", help="turn expert parallelism off")
+    demo.add_argument("--steps", type=int, default=8, help="train/push steps")
+    demo.add_argument("--iters", type=int, default=25, help="optimizer iterations per step")
+    demo.add_argument("--prompt", default="The trainer ", help="sample prompt")
+    demo.add_argument("--tokens", type=int, default=48, help="tokens per sample")
+
+    launch = sub.add_parser("launch", help="start a detached fleet on a running cluster")
+    _fleet_args(launch)
+    launch.add_argument("--dp", type=int, default=1)
+    launch.add_argument("--tp", type=int, default=2)
+    launch.add_argument("--no-experts", action="store_true")
+    launch.add_argument("--snapshot", default=None, help="bootstrap from this snapshot folder")
+
+    status = sub.add_parser("status", help="show a fleet's version and each rank's status")
+    _fleet_args(status)
+
+    update = sub.add_parser("update", help="load a snapshot folder into a fleet")
+    _fleet_args(update)
+    update.add_argument("--snapshot", required=True, help="folder of per-rank snapshot files")
+    update.add_argument("--version", default=None, help="default: the folder's version.yaml")
+    update.add_argument("--force", action="store_true", help="load even if not newer")
+
+    clear = sub.add_parser("clear", help="free a fleet's weights and KV cache")
+    _fleet_args(clear)
+
+    shutdown = sub.add_parser("shutdown", help="stop a fleet")
+    _fleet_args(shutdown)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except WeightSyncError as e:
+        print(f"fd-ray-sync {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _connect(args):
+    from fd_ray_sync.fleet import Fleet
+
+    return Fleet.connect(args.name, args.namespace, args.address)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_status(args) -> int:
+    _print_json(_connect(args).status())
+    return 0
+
+
+def cmd_update(args) -> int:
+    report = _connect(args).update_from_snapshot(args.snapshot, args.version, args.force)
+    _print_json(report.model_dump())
+    return 0
+
+
+def cmd_clear(args) -> int:
+    _connect(args).clear()
+    print(f"fleet {args.name} cleared")
+    return 0
+
+
+def cmd_shutdown(args) -> int:
+    _connect(args).shutdown()
+    print(f"fleet {args.name} shut down")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from fd_ray_sync.config import FleetConfig, LoadConfig
+    from fd_ray_sync.fleet import Fleet
+
+    load = LoadConfig(load_strategy="object_store", model_dir=args.snapshot)
+    config = FleetConfig(
+        name=args.name,
+        namespace=args.namespace,
+        dp=args.dp,
+        tp=args.tp,
+        enable_expert_parallel=not args.no_experts,
+        load=load,
+        detached=True,
+    )
+    Fleet.launch(config, address=args.address)
+    print(f"fleet {args.name} launched (namespace {args.namespace}); `fd-ray-sync status` shows it")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import ray
+
+    from fd_ray_sync.config import FleetConfig
+    from fd_ray_sync.fleet import Fleet
+    from fd_ray_sync.trainer import TinyTrainer
+
+    started = time.perf_counter()
+    print(f"starting Ray and a fleet of {args.dp} x tp={args.tp} (experts on: {not args.no_experts})")
+    ray.init(address=args.address, namespace="fd_ray_sync", log_to_driver=False)
+    config = FleetConfig(
+        name=f"fd-ray-sync-demo-{int(time.time())}",
+        dp=args.dp,
+        tp=args.tp,
+        enable_expert_parallel=not args.no_experts,
+    )
+    fleet = Fleet.launch(config)
+    try:
+        trainer = TinyTrainer()
+        print(f"fleet up in {time.perf_counter() - started:.1f}s; training on: {trainer_text()!r}")
+        for step in range(args.steps + 1):
+            loss = trainer.train(args.iters) if step else float("nan")
+            report = fleet.update(trainer.weights(), version=step)
+            sample = fleet.generate([args.prompt], args.tokens)[0]
+            assert sample.version == str(step), (sample.version, step)
+            phases = " ".join(f"{k} {v * 1e3:.0f}" for k, v in report.phase_s.items())
+            print(
+                f"step {step:2d}/{args.steps}  loss {loss:5.2f}  version {report.version:>2}  "
+                f"update {report.total_s * 1e3:4.0f} ms ({phases} ms)"
+            )
+            print(f"          sample: {args.prompt}{_printable(sample.text)}")
+        status = fleet.status()
+        fps = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
+        print(f"fleet version {status['version']}, rank fingerprints {fps}")
+    finally:
+        fleet.shutdown()
+        ray.shutdown()
+    print(f"demo done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _printable(text: str) -> str:
+    """Untrained models emit control bytes; show them as dots so the terminal stays sane."""
+    return "".join(c if c.isprintable() else "·" for c in text)
+
+
+def trainer_text() -> str:
+    from fd_ray_sync.trainer import DEMO_TEXT
+
+    return DEMO_TEXT.strip()[:60] + "..."
+
+
+_COMMANDS = {
+    "demo": cmd_demo,
+    "launch": cmd_launch,
+    "status": cmd_status,
+    "update": cmd_update,
+    "clear": cmd_clear,
+    "shutdown": cmd_shutdown,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
