@@ -20,21 +20,16 @@ from actors.weight_manager import EngineFactory, WeightManagerActor
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.errors import (
-    ChecksumError,
+    REFUSED_BEFORE_WRITE,
     PhaseTimeout,
     RankFailed,
-    SnapshotError,
     StateError,
     VerificationError,
     VersionError,
-    WeightMismatchError,
 )
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, LoadReport, UpdateReport
 from fd_ray_sync.version import is_newer, validate_version
-
-# Errors a rank raises before it writes a byte: after them the old weights still stand.
-_REFUSED_BEFORE_WRITE = (WeightMismatchError, ChecksumError, SnapshotError, VersionError)
 
 # The transaction's phases in order (DESIGN.md "Update transaction").
 PHASES = ("begin", "pause", "clear", "restart", "load", "verify", "commit")
@@ -117,9 +112,7 @@ class CoordinatorActor:
                 ray.cancel(ref)
             raise PhaseTimeout(f"phase '{name}' timed out on rank(s) {sorted(failures)}")
         if failures:
-            err = RankFailed(name, failures)
-            err.errors = errors
-            raise err
+            raise RankFailed(name, failures, errors)
         return results
 
     # --- updates -------------------------------------------------------------------------
@@ -142,7 +135,9 @@ class CoordinatorActor:
             version, load, ("buckets", metas, refs), nbytes, expected_fingerprints, force
         )
 
-    def update_snapshot(self, folder: str, version: str | None, force: bool = False) -> UpdateReport:
+    def update_snapshot(
+        self, folder: str, version: str | None, force: bool = False
+    ) -> UpdateReport:
         def load(actor):
             return actor.load_snapshot.remote(folder, version)
 
@@ -187,9 +182,9 @@ class CoordinatorActor:
                 reports: dict[int, LoadReport] = timed("load", lambda: self._phase("load", load))
             except Exception as e:
                 # Nothing was written only if every rank refused the update before writing.
-                refused = getattr(e, "errors", {})
+                refused = e.errors if isinstance(e, RankFailed) else {}
                 may_have_written |= len(refused) < len(self.ranks) or not all(
-                    isinstance(err, _REFUSED_BEFORE_WRITE) for err in refused.values()
+                    isinstance(err, REFUSED_BEFORE_WRITE) for err in refused.values()
                 )
                 raise
             may_have_written = True
@@ -284,8 +279,7 @@ class CoordinatorActor:
         """Run on every TP rank of one replica at once; results carry their version."""
         if not self._serving:
             raise StateError(
-                f"fleet {self.config.name} is not serving (version {self.version}): "
-                "update it first"
+                f"fleet {self.config.name} is not serving (version {self.version}): update it first"
             )
         if replica is None:
             replica = self._next_replica

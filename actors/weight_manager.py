@@ -18,7 +18,7 @@ from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.errors import StateError
+from fd_ray_sync.errors import REFUSED_BEFORE_WRITE, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.messages import LoadReport
@@ -61,7 +61,11 @@ class WeightManagerActor:
         groups.start()
         self.engine = self._factory(self.parallel, groups)
         self.manager = DynamicWeightManager(self.engine, self.load)
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def shard_plan(self) -> dict:
         return {n: s.model_dump() for n, s in self._engine().shard_plan().items()}
@@ -89,9 +93,7 @@ class WeightManagerActor:
         m = self._manager()
         return m.restart_communication_group() + m.recreate_ep_buffer()
 
-    def load_buckets(
-        self, metas: Sequence[BucketMeta], refs: list, version: str
-    ) -> LoadReport:
+    def load_buckets(self, metas: Sequence[BucketMeta], refs: list, version: str) -> LoadReport:
         source = ObjectStoreSource(metas, refs, self._engine().shard_plan(), version)
         return self._load(source, version)
 
@@ -100,8 +102,14 @@ class WeightManagerActor:
         return self._load(source, version)
 
     def _load(self, source, version: str | None) -> LoadReport:
+        try:
+            report = self._manager().update_parameters(source, version)
+        except REFUSED_BEFORE_WRITE:
+            raise  # nothing was written: the weights and their fingerprint still stand
+        except Exception:
+            self._fingerprint = None
+            raise
         self._fingerprint = None
-        report = self._manager().update_parameters(source, version)
         self._pending_version = report.version
         return report
 
@@ -109,7 +117,11 @@ class WeightManagerActor:
         m = self._manager()
         m.verify_parameters("update")
         self._fingerprint = m.fingerprint()
-        return {"rank": self.rank, "version": self._pending_version, "fingerprint": self._fingerprint}
+        return {
+            "rank": self.rank,
+            "version": self._pending_version,
+            "fingerprint": self._fingerprint,
+        }
 
     def commit(self) -> None:
         self._manager().finalize_update()

@@ -89,7 +89,9 @@ def iter_buckets(
         yield BucketMeta(index=index, tensors=tuple(metas)), arrays
 
 
-def bucket_views(meta: BucketMeta, arrays: list[np.ndarray]) -> Iterator[tuple[TensorMeta, np.ndarray]]:
+def bucket_views(
+    meta: BucketMeta, arrays: list[np.ndarray]
+) -> Iterator[tuple[TensorMeta, np.ndarray]]:
     """Each tensor of a received bucket as a (meta, full-shape array) pair, checked for size."""
     if len(arrays) != len(meta.tensors):
         raise WeightMismatchError(

@@ -127,7 +127,9 @@ def cmd_demo(args) -> int:
     from fd_ray_sync.trainer import TinyTrainer
 
     started = time.perf_counter()
-    print(f"starting Ray and a fleet of {args.dp} x tp={args.tp} (experts on: {not args.no_experts})")
+    print(
+        f"starting Ray and a fleet of {args.dp} x tp={args.tp} (experts on: {not args.no_experts})"
+    )
     ray.init(address=args.address, namespace="fd_ray_sync", log_to_driver=False)
     config = FleetConfig(
         name=f"fd-ray-sync-demo-{int(time.time())}",

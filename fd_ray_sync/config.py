@@ -29,7 +29,8 @@ class LoadConfig(_Frozen):
     )
     fallback_dir: Path | None = Field(
         None,
-        description="Shared folder tried last for a rank's snapshot (FastDeploy's /shared_ipc_meta).",
+        description="Shared folder tried last for a rank's snapshot "
+        "(FastDeploy's /shared_ipc_meta).",
     )
     snapshot_id: int = Field(
         0, ge=0, description="The `{id}` in snapshot file names (FastDeploy used the GPU id)."

@@ -22,7 +22,7 @@ from fd_ray_sync.buckets import iter_buckets
 from fd_ray_sync.checksum import combine_digests, crc32, tensor_digest
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import FleetConfig, ParallelConfig
-from fd_ray_sync.errors import StateError
+from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, UpdateReport
 from fd_ray_sync.sharding import REPLICATED, ShardSpec, take_shard
@@ -63,7 +63,7 @@ class Fleet:
             lifetime="detached" if config.detached else None,
         ).remote(config, factory)
         try:
-            ray.get(coordinator.start.remote())
+            _get(coordinator.start.remote())
         except Exception:
             ray.kill(coordinator)
             raise
@@ -118,9 +118,7 @@ class Fleet:
             metas.append(meta)
         by_tp = {rank: combine_digests(d) for rank, d in digests.items()}
         expected = {r: by_tp[r % self.config.tp] for r in all_plans} or None
-        return ray.get(
-            self.coordinator.update_buckets.remote(metas, refs, version, expected, force)
-        )
+        return _get(self.coordinator.update_buckets.remote(metas, refs, version, expected, force))
 
     def update_from_snapshot(
         self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
@@ -128,25 +126,25 @@ class Fleet:
         """Every rank loads its own files from `path` (a folder all nodes can read)."""
         version = validate_version(version) if version is not None else None
         folder = os.fspath(os.path.abspath(path))
-        return ray.get(self.coordinator.update_snapshot.remote(folder, version, force))
+        return _get(self.coordinator.update_snapshot.remote(folder, version, force))
 
     def clear(self) -> None:
-        ray.get(self.coordinator.clear.remote())
+        _get(self.coordinator.clear.remote())
 
     # --- serving and status --------------------------------------------------------------
 
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int = 32, replica: int | None = None
     ) -> list[GenerationResult]:
-        return ray.get(self.coordinator.generate.remote(list(prompts), max_new_tokens, replica))
+        return _get(self.coordinator.generate.remote(list(prompts), max_new_tokens, replica))
 
     def status(self) -> dict:
-        return ray.get(self.coordinator.status.remote())
+        return _get(self.coordinator.status.remote())
 
     def shard_plans(self) -> dict[int, dict[str, ShardSpec]]:
         """Rank -> its shard plan (one per TP rank would do; replicas repeat them)."""
         if self._plans is None:
-            raw = ray.get(self.coordinator.shard_plans.remote())
+            raw = _get(self.coordinator.shard_plans.remote())
             self._plans = {
                 r: {n: ShardSpec(**s) for n, s in plan.items()} for r, plan in raw.items()
             }
@@ -154,8 +152,18 @@ class Fleet:
 
     def shutdown(self) -> None:
         """Stop the ranks and the coordinator."""
-        ray.get(self.coordinator.shutdown.remote())
+        _get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+
+
+def _get(ref):
+    """`ray.get`, raising an fd-ray-sync error from the coordinator as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, WeightSyncError):
+            raise e.cause from None
+        raise
 
 
 def _ensure_ray(address: str | None, namespace: str) -> None:

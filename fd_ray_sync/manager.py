@@ -18,7 +18,12 @@ import numpy as np
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import LoadConfig
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.errors import StateError, VerificationError, WeightMismatchError
+from fd_ray_sync.errors import (
+    PartialUpdateError,
+    StateError,
+    VerificationError,
+    WeightMismatchError,
+)
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import LoadReport, TensorMeta
 from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
@@ -201,25 +206,31 @@ class DynamicWeightManager:
         sync_s = time.perf_counter() - start
 
         written = nbytes = 0
-        for label, chunk in source.chunks():
-            for name, (array, dtype) in chunk.items():
-                if name not in wanted:
-                    continue
-                param = self.params[name]
-                if param._is_initialized() and _layout(element_strides(array)) != _layout(
-                    param.stride()
-                ):
-                    self.log.warning(
-                        "%s: source strides %s lay memory out differently from the "
-                        "parameter's %s (copied element by element)",
-                        name,
-                        element_strides(array),
-                        param.stride(),
-                    )
-                write_param(param, array, dtype)
-                written += 1
-                nbytes += array.nbytes
-            self.log.debug("wrote %s", label)
+        try:
+            for label, chunk in source.chunks():
+                for name, (array, dtype) in chunk.items():
+                    if name not in wanted:
+                        continue
+                    param = self.params[name]
+                    if param._is_initialized() and _layout(element_strides(array)) != _layout(
+                        param.stride()
+                    ):
+                        self.log.warning(
+                            "%s: source strides %s lay memory out differently from the "
+                            "parameter's %s (copied element by element)",
+                            name,
+                            element_strides(array),
+                            param.stride(),
+                        )
+                    write_param(param, array, dtype)
+                    written += 1
+                    nbytes += array.nbytes
+                self.log.debug("wrote %s", label)
+        except Exception as e:
+            raise PartialUpdateError(
+                f"rank {self.rank}: {source.name} update failed after writing {written} of "
+                f"{len(wanted)} parameters: {type(e).__name__}: {e}"
+            ) from e
         source.close()
         total_s = time.perf_counter() - start
         self.version = version
@@ -264,7 +275,9 @@ class DynamicWeightManager:
             wanted.add(name)
         missing = sorted(set(self.params) - set(manifest))
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if missing[5:] else "")
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if missing[5:] else ""
+            )
             problems.append(f"missing from the update: {shown}")
         if problems:
             raise WeightMismatchError(
@@ -310,9 +323,7 @@ class DynamicWeightManager:
             raise StateError(
                 f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
             )
-        return fingerprint(
-            (name, param_dtype(p), read_param(p)) for name, p in self.params.items()
-        )
+        return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())
 
     def memory_stats(self) -> dict[str, float]:
         """Host RSS of this process, and the device allocator's figures where there is one."""
@@ -329,7 +340,6 @@ class DynamicWeightManager:
                 gpu_max_allocated_gb=cuda.max_memory_allocated() / 2**30,
             )
         return stats
-
 
 
 def _layout(strides) -> list[int]:

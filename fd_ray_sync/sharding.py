@@ -80,12 +80,9 @@ def take_shard(full: np.ndarray, spec: ShardSpec) -> np.ndarray:
     return full[spec.slices(full.shape)]
 
 
-def shard_state_dict(
-    full: Mapping[str, np.ndarray], plan: ShardPlan
-) -> dict[str, np.ndarray]:
+def shard_state_dict(full: Mapping[str, np.ndarray], plan: ShardPlan) -> dict[str, np.ndarray]:
     """Every tensor of `full` cut to this rank's slice (contiguous copies)."""
     return {
         name: np.ascontiguousarray(take_shard(arr, plan.get(name, REPLICATED)))
         for name, arr in full.items()
     }
-

@@ -21,7 +21,9 @@ class KVCacheStatus(IntEnum):
 
 # The weight-status transitions a manager allows, written down in one place.
 WEIGHT_TRANSITIONS: dict[ModelWeightsStatus, frozenset[ModelWeightsStatus]] = {
-    ModelWeightsStatus.NORMAL: frozenset({ModelWeightsStatus.UPDATING, ModelWeightsStatus.CLEARING}),
+    ModelWeightsStatus.NORMAL: frozenset(
+        {ModelWeightsStatus.UPDATING, ModelWeightsStatus.CLEARING}
+    ),
     ModelWeightsStatus.UPDATING: frozenset(
         {ModelWeightsStatus.NORMAL, ModelWeightsStatus.CLEARING, ModelWeightsStatus.CLEARED}
     ),

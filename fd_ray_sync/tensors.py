@@ -108,4 +108,3 @@ def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
 def element_strides(array: np.ndarray) -> list[int]:
     """Strides in elements (paddle's `Tensor.stride()` convention)."""
     return [s // array.itemsize for s in array.strides]
-

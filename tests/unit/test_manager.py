@@ -165,7 +165,10 @@ def test_names_the_model_lacks_are_skipped_with_a_debug_log(manager, caplog):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda s: s.update({"enc.weight": s["enc.weight"].astype(np.float64)}), "enc.weight: dtype"),
+        (
+            lambda s: s.update({"enc.weight": s["enc.weight"].astype(np.float64)}),
+            "enc.weight: dtype",
+        ),
         (lambda s: s.update({"head.bias": np.ones(3, np.float32)}), r"head.bias: shape \(3,\)"),
         (lambda s: s.pop("enc.bias"), "missing from the update: enc.bias"),
         (lambda s: s.clear(), "no parameter found"),

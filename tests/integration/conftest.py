@@ -1,0 +1,11 @@
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the integration tests (4 logical CPUs on a 2-core box)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, namespace="fd_ray_sync", include_dashboard=False)
+    yield
+    ray.shutdown()
