@@ -4,19 +4,29 @@ Every phase of an update is one round of remote calls on all ranks joined with a
 so the join is the barrier; nothing polls. One writer at a time: the actor runs one method
 at a time (status questions have their own concurrency group), so generation requests wait
 for a running update to commit or abort and never see two versions.
+
+Failures: any error, timeout or dead rank aborts the update on every rank. Replicas with a
+dead or hung rank are rebuilt (their rank processes restarted by Ray, their world and groups
+formed again) and load the committed version; the other replicas roll back to it. Rank
+actors and the placement group are detached and named, so a restarted coordinator finds
+them and rebuilds its state from what the ranks report.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.weight_manager import EngineFactory, WeightManagerActor
+from actors.weight_manager import EngineFactory, SourceSpec, WeightManagerActor
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.errors import (
@@ -31,73 +41,184 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, LoadReport, UpdateReport
 from fd_ray_sync.version import is_newer, validate_version
 
-# The transaction's phases in order (DESIGN.md "Update transaction").
+# The transaction's phases in order (DESIGN.md "Update transaction"). "begin" is local.
 PHASES = ("begin", "pause", "clear", "restart", "load", "verify", "commit")
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
-@ray.remote(num_cpus=0, concurrency_groups={"status": 1})
+def rank_actor_name(fleet: str, rank: int) -> str:
+    return f"{fleet}.rank{rank}"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1})
 class CoordinatorActor:
     def __init__(self, config: FleetConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.config = config
         self.log = get_logger(__name__, "coordinator")
         self._factory = engine_factory
+        self.world = config.tp * config.dp
         self.ranks: list = []
         self.pg = None
         self.version: str | None = None
-        # What the committed version was loaded from, kept until the next commit so an
-        # aborted update can put it back: ("buckets", metas, refs) or ("snapshot", folder).
-        self._committed: tuple | None = None
-        self._serving = False
+        # Where the committed version came from, kept until the next commit so an aborted
+        # update (or a restarted rank) can load it again.
+        self._committed: SourceSpec | None = None
+        self._ok = [False] * config.dp  # replica -> serving the committed version
+        self._cleared = False
         self._next_replica = 0
+        self._adopt()
 
-    # --- launch --------------------------------------------------------------------------
+    # --- launch and recovery -------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """After a coordinator restart: find the ranks by name and rebuild the state."""
+        try:
+            handles = [
+                ray.get_actor(rank_actor_name(self.config.name, r), self.config.namespace)
+                for r in range(self.world)
+            ]
+            self.pg = get_placement_group(f"{self.config.name}.pg")
+        except ValueError:
+            return  # a new fleet: start() creates everything
+        self.ranks = handles
+        specs = []
+        for rank in range(self.world):
+            try:
+                specs.append(ray.get(self.ranks[rank].committed_source.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a rank we cannot ask gets rebuilt below
+                specs.append(None)
+        known = [s for s in specs if s is not None]
+        if known:
+            self._committed = max(known, key=lambda s: _VersionKey(s.version))
+            self.version = self._committed.version
+        self.log.warning(
+            "restarted: adopted %d ranks, committed version %s", self.world, self.version
+        )
+        self.heal()
 
     def start(self) -> dict:
+        """Place and create the rank actors, form each replica's world, bootstrap-load."""
+        if self.ranks:
+            return {"world": self.world, "adopted": True}
         cfg = self.config
-        world = cfg.tp * cfg.dp
         use_gpu = cfg.use_gpu
         if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= world
-        if use_gpu != cfg.use_gpu:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world
             cfg = self.config = cfg.model_copy(update={"use_gpu": use_gpu})
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        self.pg = placement_group(
+            [dict(bundle) for _ in range(self.world)],
+            strategy="PACK",
+            name=f"{cfg.name}.pg",
+            lifetime="detached",
+        )
         if not self.pg.wait(timeout_seconds=cfg.phase_timeout_s):
+            remove_placement_group(self.pg)
             raise StateError(
-                f"could not place {world} ranks with {bundle} each within "
-                f"{cfg.phase_timeout_s}s; cluster has {ray.cluster_resources()}"
+                f"could not place {self.world} ranks with {bundle} each within "
+                f"{cfg.phase_timeout_s}s; the cluster has {ray.cluster_resources()}"
             )
-        for rank in range(world):
-            actor = WeightManagerActor.options(
-                num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
-                # One BLAS thread per rank: ranks already use every core between them.
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-            ).remote(cfg.parallel(rank), cfg.load, self._factory)
-            self.ranks.append(actor)
-        endpoints = self._phase("endpoints", lambda r: r.get_endpoint.remote())
-        ordered = [endpoints[r] for r in range(world)]
-        info = self._phase("setup", lambda r: r.setup.remote(ordered))
+        self.ranks = [self._create_rank(rank, use_gpu) for rank in range(self.world)]
+        for replica in range(cfg.dp):
+            self._form_replica(replica)
         self.log.info("fleet %s up: dp=%d x tp=%d on %s", cfg.name, cfg.dp, cfg.tp, bundle)
         if cfg.load.model_dir is not None:
             self.update_snapshot(str(cfg.load.model_dir), None)
-        return {"world": world, "use_gpu": use_gpu, "ranks": info}
+        return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
+
+    def _create_rank(self, rank: int, use_gpu: bool):
+        return WeightManagerActor.options(
+            name=rank_actor_name(self.config.name, rank),
+            namespace=self.config.namespace,
+            lifetime="detached",
+            max_restarts=-1,
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
+            # One BLAS thread per rank: the ranks already use every core between them.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        ).remote(self.config.parallel(rank), self.config.load, self._factory)
+
+    def _replica_ranks(self, replica: int) -> list[int]:
+        return self.config.parallel().replica_ranks(replica)
+
+    def _form_replica(self, replica: int) -> None:
+        """Wait for the replica's rank processes, then join them into one world."""
+        ranks = self._replica_ranks(replica)
+        deadline = time.monotonic() + self.config.phase_timeout_s
+        endpoints = [self._await_alive(r, deadline) for r in ranks]
+        self._phase("setup", lambda a: a.setup.remote(endpoints), ranks)
+
+    def _await_alive(self, rank: int, deadline: float) -> str:
+        while True:
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                return ray.get(self.ranks[rank].get_endpoint.remote(), timeout=left)
+            except (*_LOST, ray.exceptions.GetTimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise PhaseTimeout(
+                        "restart", {rank: f"did not come back: {e}"}, lost=[rank]
+                    ) from None
+                time.sleep(0.2)
+
+    def _rebuild_replica(self, replica: int) -> None:
+        """Restart every rank process of a replica, form its world, load the committed version."""
+        ranks = self._replica_ranks(replica)
+        self._ok[replica] = False
+        self.log.warning("rebuilding replica %d (ranks %s)", replica, ranks)
+        for rank in ranks:
+            ray.kill(self.ranks[rank], no_restart=False)
+        self._form_replica(replica)
+        if self._committed is not None and not self._cleared:
+            self._load_committed(ranks)
+            self._ok[replica] = True
+
+    def _load_committed(self, ranks: Sequence[int]) -> None:
+        spec = self._committed
+        self._phase("restore", lambda a: a.restart.remote(), ranks)
+        self._phase("restore", lambda a: a.load.remote(spec), ranks)
+        self._phase("restore", lambda a: a.verify.remote(), ranks)
+        self._phase("restore", lambda a: a.commit.remote(), ranks)
+
+    def heal(self) -> dict:
+        """Make every replica serve the committed version again, rebuilding where needed."""
+        statuses = {}
+        for rank in range(self.world):
+            try:
+                statuses[rank] = ray.get(self.ranks[rank].status.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - dead, restarting or hung: rebuild it
+                statuses[rank] = None
+        for replica in range(self.config.dp):
+            states = [statuses[r] for r in self._replica_ranks(replica)]
+            alive = all(st is not None and st["set_up"] for st in states)
+            if alive and (self._cleared or self.version is None):
+                continue  # up, and nothing is meant to be loaded
+            if alive and all(
+                st["weights"] == "NORMAL" and st["version"] == self.version for st in states
+            ):
+                self._ok[replica] = True
+                continue
+            try:
+                self._rebuild_replica(replica)
+            except Exception as e:  # noqa: BLE001 - reported; the replica stays down
+                self.log.error("replica %d could not be rebuilt: %s", replica, e)
+        return {"version": self.version, "replicas_serving": list(self._ok)}
 
     # --- phases --------------------------------------------------------------------------
 
-    def _phase(self, name: str, call: Callable, ranks: Sequence[int] | None = None) -> dict:
-        """Run `call(actor)` on every rank and join them: the barrier of one phase."""
-        ranks = list(range(len(self.ranks))) if ranks is None else list(ranks)
+    def _phase(self, name: str, call: Callable, ranks: Iterable[int] | None = None) -> dict:
+        """Run `call(actor)` on the ranks and join them: the barrier of one phase."""
+        ranks = list(range(self.world)) if ranks is None else list(ranks)
         refs = {rank: call(self.ranks[rank]) for rank in ranks}
         timeout = self.config.phase_timeout_s
         _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         pending = set(pending)
-        results, failures, errors = {}, {}, {}
+        results, failures, errors, lost = {}, {}, {}, set()
         for rank, ref in refs.items():
             if ref in pending:
-                failures[rank] = f"no answer within {timeout:.0f}s"
+                failures[rank] = f"no answer within {timeout:g}s"
+                lost.add(rank)
                 continue
             try:
                 results[rank] = ray.get(ref)
@@ -105,14 +226,15 @@ class CoordinatorActor:
                 cause = e.cause if e.cause is not None else e
                 errors[rank] = cause
                 failures[rank] = f"{type(cause).__name__}: {cause}"
-            except ray.exceptions.RayActorError as e:
-                failures[rank] = f"rank actor died: {e}"
+            except _LOST as e:
+                failures[rank] = f"rank actor died: {type(e).__name__}"
+                lost.add(rank)
         if pending:
-            for ref in pending:
-                ray.cancel(ref)
-            raise PhaseTimeout(f"phase '{name}' timed out on rank(s) {sorted(failures)}")
+            # A sync actor's running task cannot be interrupted: the slow ranks are `lost`,
+            # and rebuilding their replica restarts those processes.
+            raise PhaseTimeout(name, failures, errors, lost)
         if failures:
-            raise RankFailed(name, failures, errors)
+            raise RankFailed(name, failures, errors, lost)
         return results
 
     # --- updates -------------------------------------------------------------------------
@@ -126,91 +248,78 @@ class CoordinatorActor:
         force: bool = False,
     ) -> UpdateReport:
         """Load a bucketed update (refs arrive inside a list so they stay refs)."""
-
-        def load(actor):
-            return actor.load_buckets.remote(metas, refs, version)
-
+        spec = SourceSpec("buckets", version, tuple(metas), tuple(refs))
         nbytes = sum(m.nbytes for m in metas)
-        return self._transaction(
-            version, load, ("buckets", metas, refs), nbytes, expected_fingerprints, force
-        )
+        return self._transaction(spec, nbytes, expected_fingerprints, force)
 
     def update_snapshot(
         self, folder: str, version: str | None, force: bool = False
     ) -> UpdateReport:
-        def load(actor):
-            return actor.load_snapshot.remote(folder, version)
-
-        return self._transaction(version, load, ("snapshot", folder), 0, None, force)
+        return self._transaction(SourceSpec("snapshot", version, folder=folder), 0, None, force)
 
     def _transaction(
-        self,
-        version: str | None,
-        load: Callable,
-        source: tuple,
-        nbytes: int,
-        expected: dict[int, str] | None,
-        force: bool,
+        self, spec: SourceSpec, nbytes: int, expected: dict[int, str] | None, force: bool
     ) -> UpdateReport:
-        phase_s: dict[str, float] = {}
-        start = time.perf_counter()
         if not self.ranks:
             raise StateError("the fleet has no ranks: call start() first")
+        phase_s: dict[str, float] = {}
+        start = time.perf_counter()
 
-        def timed(name, fn):
+        def timed(name, call):
             t = time.perf_counter()
-            out = fn()
+            out = self._phase(name, call)
             phase_s[name] = time.perf_counter() - t
             return out
 
         # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml).
-        if version is not None:
-            version = validate_version(version)
-            self._check_newer(version, force)
-        may_have_written = False
+        if spec.version is not None:
+            validate_version(spec.version)
+            self._check_newer(spec.version, force)
+        wrote = False
         try:
             # 2. pause: stop serving, drop requests and caches.
-            timed("pause", lambda: self._phase("pause", lambda r: r.pause.remote()))
+            timed("pause", lambda a: a.pause.remote())
             # 3. clear (in-place mode only): free weights and KV cache to make room.
             if self.config.clear_before_load:
-                may_have_written = True
-                timed("clear", lambda: self._phase("clear", lambda r: r.clear.remote()))
+                wrote = True
+                timed("clear", lambda a: a.clear.remote())
             # 4. restart: comm groups and EP buffer come back if they were torn down.
-            timed("restart", lambda: self._phase("restart", lambda r: r.restart.remote()))
+            timed("restart", lambda a: a.restart.remote())
             # 5. load: every rank checks everything, then writes its slice.
             try:
-                reports: dict[int, LoadReport] = timed("load", lambda: self._phase("load", load))
+                reports: dict[int, LoadReport] = timed("load", lambda a: a.load.remote(spec))
             except Exception as e:
-                # Nothing was written only if every rank refused the update before writing.
+                # Nothing was written only if every rank refused before writing.
                 refused = e.errors if isinstance(e, RankFailed) else {}
-                may_have_written |= len(refused) < len(self.ranks) or not all(
+                wrote |= len(refused) < self.world or not all(
                     isinstance(err, REFUSED_BEFORE_WRITE) for err in refused.values()
                 )
                 raise
-            may_have_written = True
+            wrote = True
             versions = {r.version for r in reports.values()}
             if len(versions) != 1:
                 raise VerificationError(f"ranks loaded different versions: {sorted(versions)}")
             loaded = versions.pop()
-            if version is None:
+            if spec.version is None:
                 self._check_newer(loaded, force)
             # 6. verify: every parameter loaded, fingerprints as the trainer computed them.
-            checks = timed("verify", lambda: self._phase("verify", lambda r: r.verify.remote()))
+            checks = timed("verify", lambda a: a.verify.remote())
             fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
-            if expected:
-                wrong = {
-                    r: f"fingerprint {fingerprints[r]}, trainer expected {expected[r]}"
-                    for r in expected
-                    if fingerprints.get(r) != expected[r]
-                }
-                if wrong:
-                    raise RankFailed("verify", wrong)
+            wrong = {
+                r: f"fingerprint {fingerprints[r]}, trainer expected {want}"
+                for r, want in (expected or {}).items()
+                if fingerprints.get(r) != want
+            }
+            if wrong:
+                raise RankFailed("verify", wrong)
             # 7. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.
-            timed("commit", lambda: self._phase("commit", lambda r: r.commit.remote()))
+            timed("commit", lambda a: a.commit.remote())
         except Exception as e:
-            self._abort(e, may_have_written)
+            self._abort(e, wrote)
             raise
-        self.version, self._committed, self._serving = loaded, source, True
+        self.version, self._committed = loaded, spec.with_version(loaded)
+        self._ok = [True] * self.config.dp
+        self._cleared = False
         report = UpdateReport(
             version=loaded,
             nbytes=nbytes or sum(r.nbytes for r in reports.values()),
@@ -234,89 +343,125 @@ class CoordinatorActor:
                 "(pass force=True to load it anyway)"
             )
 
-    def _abort(self, error: Exception, may_have_written: bool) -> None:
-        """Return every rank to the last committed version, or leave the fleet not serving."""
+    def _abort(self, error: Exception, wrote: bool) -> None:
+        """Put every rank back on the committed version (or leave it not serving)."""
         self.log.warning("update aborted: %s", error)
-        if not may_have_written:
-            self._phase("resume", lambda r: r.resume.remote())
-            return
-        self._serving = False
-        if self._committed is None:
-            self.log.error("no committed version to restore: the fleet stays down")
-            return
-        kind, *args = self._committed
-        if kind == "buckets":
-            metas, refs = args
-
-            def load(actor):
-                return actor.load_buckets.remote(metas, refs, self.version)
-        else:
-            (folder,) = args
-
-            def load(actor):
-                return actor.load_snapshot.remote(folder, self.version)
-
-        try:
-            self._phase("restore", lambda r: r.restart.remote())
-            self._phase("restore", load)
-            self._phase("restore", lambda r: r.verify.remote())
-            self._phase("restore", lambda r: r.commit.remote())
-            self._serving = True
-            self.log.warning("restored version %s on every rank", self.version)
-        except Exception as e:  # noqa: BLE001 - the original error is what the caller sees
-            self.log.error("restoring version %s failed: %s", self.version, e)
+        lost = error.lost if isinstance(error, RankFailed) else frozenset()
+        broken = sorted({r // self.config.tp for r in lost})
+        for replica in range(self.config.dp):
+            ranks = self._replica_ranks(replica)
+            try:
+                if replica in broken:
+                    self._rebuild_replica(replica)
+                elif not wrote:
+                    self._phase("resume", lambda a: a.resume.remote(), ranks)
+                elif self._committed is None or self._cleared:
+                    self._ok[replica] = False
+                    self.log.error("replica %d: no committed version to restore", replica)
+                else:
+                    self._load_committed(ranks)
+                    self._ok[replica] = True
+            except Exception as e:  # noqa: BLE001 - the caller gets the original error
+                self.log.error("replica %d: restoring failed (%s); rebuilding it", replica, e)
+                try:
+                    self._rebuild_replica(replica)
+                except Exception as e2:  # noqa: BLE001
+                    self._ok[replica] = False
+                    self.log.error("replica %d stays down: %s", replica, e2)
 
     def clear(self) -> None:
         """Free every rank's weights and KV cache; the fleet stops serving until an update."""
-        self._phase("clear", lambda r: r.clear.remote())
-        self._serving = False
+        self._cleared = True
+        self._ok = [False] * self.config.dp
+        self._phase("clear", lambda a: a.clear.remote())
 
     # --- serving -------------------------------------------------------------------------
 
     def generate(
         self, prompts: list[str], max_new_tokens: int, replica: int | None = None
     ) -> list[GenerationResult]:
-        """Run on every TP rank of one replica at once; results carry their version."""
-        if not self._serving:
+        """Run on every TP rank of one replica at once; results carry their version.
+
+        A replica that lost a rank is rebuilt (loading the committed version) and the request
+        is tried once more.
+        """
+        for attempt in (0, 1):
+            chosen = self._pick_replica(replica)
+            ranks = self._replica_ranks(chosen)
+            try:
+                out = self._phase(
+                    "generate", lambda a: a.generate.remote(prompts, max_new_tokens), ranks
+                )
+            except RankFailed as e:
+                if not e.lost or attempt:
+                    raise
+                self._rebuild_replica(chosen)
+                continue
+            versions = {o["version"] for o in out.values()}
+            if len(versions) != 1:
+                raise VerificationError(f"replica {chosen} ranks answered from versions {versions}")
+            first = out[ranks[0]]
+            return [
+                GenerationResult(prompt=p, text=t, version=first["version"], replica=chosen)
+                for p, t in zip(prompts, first["texts"])
+            ]
+        raise AssertionError("unreachable")
+
+    def _pick_replica(self, replica: int | None) -> int:
+        serving = [r for r in range(self.config.dp) if self._ok[r]]
+        if not serving:
             raise StateError(
-                f"fleet {self.config.name} is not serving (version {self.version}): update it first"
+                f"fleet {self.config.name} is not serving (version {self.version}): "
+                + ("it was cleared; update it" if self._cleared else "update it first")
             )
-        if replica is None:
-            replica = self._next_replica
-            self._next_replica = (replica + 1) % self.config.dp
-        ranks = self.config.parallel().replica_ranks(replica)
-        out = self._phase(
-            "generate", lambda r: r.generate.remote(prompts, max_new_tokens), ranks=ranks
-        )
-        versions = {o["version"] for o in out.values()}
-        if len(versions) != 1:
-            raise VerificationError(f"replica {replica} ranks answered from versions {versions}")
-        first = out[ranks[0]]
-        return [
-            GenerationResult(prompt=p, text=t, version=first["version"], replica=replica)
-            for p, t in zip(prompts, first["texts"])
-        ]
+        if replica is not None:
+            if replica not in serving:
+                raise StateError(f"replica {replica} is not serving; serving: {serving}")
+            return replica
+        choice = serving[self._next_replica % len(serving)]
+        self._next_replica += 1
+        return choice
 
     def shard_plans(self) -> dict[int, dict]:
-        return self._phase("shard_plan", lambda r: r.shard_plan.remote())
+        return self._phase("shard_plan", lambda a: a.shard_plan.remote())
 
     @ray.method(concurrency_group="status")
     def status(self) -> dict:
-        ranks = ray.get([r.status.remote() for r in self.ranks], timeout=30) if self.ranks else []
+        ranks = []
+        for rank, actor in enumerate(self.ranks):
+            try:
+                ranks.append(ray.get(actor.status.remote(), timeout=10))
+            except Exception as e:  # noqa: BLE001 - a dead rank is part of the answer
+                ranks.append({"rank": rank, "error": f"{type(e).__name__}"})
         return {
             "name": self.config.name,
             "version": self.version,
-            "serving": self._serving,
+            "serving": any(self._ok),
+            "replicas_serving": list(self._ok),
             "dp": self.config.dp,
             "tp": self.config.tp,
             "ranks": ranks,
         }
 
+    @ray.method(concurrency_group="status")
+    def rank_handles(self) -> list:
+        return list(self.ranks)
+
     def shutdown(self) -> None:
         for actor in self.ranks:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self.ranks = []
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
-        self._serving = False
+        self._ok = [False] * self.config.dp
+
+
+class _VersionKey:
+    """Orders versions as `is_newer` does (for picking the newest committed one)."""
+
+    def __init__(self, version: str | None):
+        self.version = version
+
+    def __lt__(self, other: _VersionKey) -> bool:
+        return other.version is not None and is_newer(other.version, self.version)

@@ -2,7 +2,9 @@
 
 Each transaction phase is one remote method, called by the coordinator on every rank at once
 (the join is the barrier). Status questions run in their own concurrency group, so they are
-answered while a phase is running.
+answered while a phase is running. The actor is restartable: Ray brings a dead rank back as
+a fresh, empty process, and the coordinator sets it up and loads the committed version
+before it serves again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import ray
 
@@ -22,11 +25,29 @@ from fd_ray_sync.errors import REFUSED_BEFORE_WRITE, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.messages import LoadReport
+from fd_ray_sync.sources.base import WeightSource
 from fd_ray_sync.sources.object_store import ObjectStoreSource
 from fd_ray_sync.sources.snapshot import SnapshotSource
 from fd_ray_sync.status import ModelWeightsStatus
 
 EngineFactory = Callable[[ParallelConfig, CommGroups], InferenceEngine]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a version's weights are: bucket refs in the object store, or a snapshot folder.
+
+    Small enough to send to every rank; the refs keep the buckets alive while anyone holds it.
+    """
+
+    kind: str  # "buckets" or "snapshot"
+    version: str | None
+    metas: tuple[BucketMeta, ...] = ()
+    refs: tuple = field(default=(), repr=False)
+    folder: str | None = None
+
+    def with_version(self, version: str) -> SourceSpec:
+        return SourceSpec(self.kind, version, self.metas, self.refs, self.folder)
 
 
 def _free_endpoint() -> str:
@@ -47,7 +68,8 @@ class WeightManagerActor:
         self.manager: DynamicWeightManager | None = None
         self.endpoint = _free_endpoint()
         self._fingerprint: str | None = None
-        self._pending_version: str | None = None
+        self._pending: SourceSpec | None = None
+        self.committed: SourceSpec | None = None
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -55,17 +77,16 @@ class WeightManagerActor:
         return self.endpoint
 
     def setup(self, endpoints: Sequence[str]) -> dict:
-        """Join the world and the TP/EP groups, build the engine and its manager."""
+        """Join the replica's world and TP/EP groups, build the engine and its manager."""
+        if self.manager is not None:
+            raise StateError(f"rank {self.rank} is already set up (pid {os.getpid()})")
         init_world(self.parallel, endpoints)
         groups = CommGroups(self.parallel)
         groups.start()
         self.engine = self._factory(self.parallel, groups)
         self.manager = DynamicWeightManager(self.engine, self.load)
-        return {
-            "rank": self.rank,
-            "pid": os.getpid(),
-            "node": ray.get_runtime_context().get_node_id(),
-        }
+        node = ray.get_runtime_context().get_node_id()
+        return {"rank": self.rank, "pid": os.getpid(), "node": node}
 
     def shard_plan(self) -> dict:
         return {n: s.model_dump() for n, s in self._engine().shard_plan().items()}
@@ -93,42 +114,42 @@ class WeightManagerActor:
         m = self._manager()
         return m.restart_communication_group() + m.recreate_ep_buffer()
 
-    def load_buckets(self, metas: Sequence[BucketMeta], refs: list, version: str) -> LoadReport:
-        source = ObjectStoreSource(metas, refs, self._engine().shard_plan(), version)
-        return self._load(source, version)
-
-    def load_snapshot(self, folder: str, version: str | None) -> LoadReport:
-        source = SnapshotSource.from_config(self.load, self.parallel, folder)
-        return self._load(source, version)
-
-    def _load(self, source, version: str | None) -> LoadReport:
+    def load(self, spec: SourceSpec) -> LoadReport:
+        """Check, then write this rank's slice of `spec`'s weights."""
         try:
-            report = self._manager().update_parameters(source, version)
+            report = self._manager().update_parameters(self._open(spec), spec.version)
         except REFUSED_BEFORE_WRITE:
             raise  # nothing was written: the weights and their fingerprint still stand
         except Exception:
             self._fingerprint = None
             raise
         self._fingerprint = None
-        self._pending_version = report.version
+        self._pending = spec.with_version(report.version)
         return report
+
+    def _open(self, spec: SourceSpec) -> WeightSource:
+        if spec.kind == "buckets":
+            plan = self._engine().shard_plan()
+            return ObjectStoreSource(spec.metas, spec.refs, plan, spec.version)
+        if spec.kind == "snapshot":
+            return SnapshotSource.from_config(self.load, self.parallel, spec.folder)
+        raise StateError(f"unknown source kind {spec.kind!r}; known: 'buckets', 'snapshot'")
 
     def verify(self) -> dict:
         m = self._manager()
         m.verify_parameters("update")
         self._fingerprint = m.fingerprint()
-        return {
-            "rank": self.rank,
-            "version": self._pending_version,
-            "fingerprint": self._fingerprint,
-        }
+        version = self._pending.version if self._pending else None
+        return {"rank": self.rank, "version": version, "fingerprint": self._fingerprint}
 
     def commit(self) -> None:
         self._manager().finalize_update()
+        self.committed, self._pending = self._pending, None
 
     def resume(self) -> None:
         """Serve again after an update that changed nothing (refused before any write)."""
         m = self._manager()
+        self._pending = None
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()
 
@@ -154,6 +175,23 @@ class WeightManagerActor:
             "weights": m.status.name if m else None,
             "kv_cache": m.kv_cache_status.name if m else None,
             "version": m.version if m else None,
+            "committed": self.committed.version if self.committed else None,
             "fingerprint": self._fingerprint,
             "pid": os.getpid(),
+        }
+
+    @ray.method(concurrency_group="status")
+    def committed_source(self) -> SourceSpec | None:
+        return self.committed
+
+    @ray.method(concurrency_group="status")
+    def memory(self) -> dict:
+        """This process's resident memory now and at its peak (bytes)."""
+        import resource
+
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return {
+            "rss": rss_pages * os.sysconf("SC_PAGE_SIZE"),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }

@@ -1,10 +1,12 @@
-"""Process groups of one rank: joining the world, and the TP/EP groups' lifecycle.
+"""Process groups of one rank: joining its replica's world, and the TP/EP groups' lifecycle.
+
+Each replica is its own paddle world of `tp` processes (as FastDeploy runs each data-parallel
+group): replicas never run collectives together, and a replica whose rank died is rebuilt
+without touching the others. Ranks inside a world are numbered by their TP rank.
 
 Gloo groups have no shutdown()/restart() in paddle (NCCL groups do). Tearing a gloo group
 down means destroying it and creating it again with `new_group`, so this module hides the
-difference behind `shutdown()` / `restart()`. `new_group` hands out ids from a per-process
-counter, so every rank creates every replica's groups, in the same order, even those it is
-not a member of.
+difference behind `shutdown()` / `restart()`.
 """
 
 from __future__ import annotations
@@ -19,34 +21,37 @@ from fd_ray_sync.log import get_logger
 
 
 def init_world(parallel: ParallelConfig, endpoints: Sequence[str]) -> None:
-    """Join the global process group as `parallel.rank` of `endpoints` ("host:port" each).
+    """Join this rank's replica world: `endpoints` are the replica's ranks ("host:port"
+    each, in TP-rank order).
 
     Paddle reads its launch contract from environment variables; this is the one place
     fd-ray-sync sets them. Must run before any other paddle.distributed call.
     """
     import paddle.distributed as dist
 
-    if len(endpoints) != parallel.world_size:
+    if len(endpoints) != parallel.tp:
         raise StateError(
-            f"{len(endpoints)} endpoints given for a world of {parallel.world_size} ranks"
+            f"rank {parallel.rank}: {len(endpoints)} endpoints given for a replica of "
+            f"{parallel.tp} ranks"
         )
+    me = parallel.tp_rank
     os.environ.update(
-        PADDLE_TRAINER_ID=str(parallel.rank),
-        PADDLE_TRAINERS_NUM=str(parallel.world_size),
+        PADDLE_TRAINER_ID=str(me),
+        PADDLE_TRAINERS_NUM=str(parallel.tp),
         PADDLE_TRAINER_ENDPOINTS=",".join(endpoints),
-        PADDLE_CURRENT_ENDPOINT=endpoints[parallel.rank],
+        PADDLE_CURRENT_ENDPOINT=endpoints[me],
         PADDLE_MASTER=endpoints[0],
-        PADDLE_RANK_IN_NODE=str(parallel.rank),
+        PADDLE_RANK_IN_NODE=str(me),
         PADDLE_DISTRI_BACKEND=parallel.backend,
     )
-    if parallel.world_size > 1:
+    if parallel.tp > 1:
         dist.init_parallel_env()
 
 
 class CommGroups:
     """The TP and EP groups of one rank, with one lifecycle for gloo and NCCL.
 
-    With `world_size == 1` there are no groups and every operation is a no-op.
+    With `tp == 1` there are no groups and every operation is a no-op.
     """
 
     def __init__(self, parallel: ParallelConfig, timeout_s: float = 1800.0):
@@ -63,7 +68,7 @@ class CommGroups:
 
     @property
     def distributed(self) -> bool:
-        return self.parallel.world_size > 1
+        return self.parallel.tp > 1
 
     def start(self) -> None:
         """Create this rank's TP group (tp > 1) and EP group (expert parallel on)."""
@@ -78,16 +83,10 @@ class CommGroups:
 
         p = self.parallel
         backend = "nccl" if p.backend == "nccl" else None
-        for kind in ("tp", "ep"):
-            if kind == "tp" and p.tp == 1:
-                continue
-            if kind == "ep" and not p.enable_expert_parallel:
-                continue
-            for replica in range(p.dp):
-                ranks = p.replica_ranks(replica)
-                group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
-                if p.rank in ranks:
-                    setattr(self, f"{kind}_group", group)
+        ranks = list(range(p.tp))  # numbered inside the replica's world
+        self.tp_group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
+        if p.enable_expert_parallel:
+            self.ep_group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
 
     def barrier(self, kind: str) -> None:
         """Barrier over the TP ("tp") or EP ("ep") group; no-op when the group does not exist."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class WeightSyncError(Exception):
     """Base of every error fd-ray-sync raises on purpose."""
@@ -39,15 +41,12 @@ class PartialUpdateError(WeightSyncError, RuntimeError):
     """An update failed after it had started writing: this rank now holds mixed weights."""
 
 
-class PhaseTimeout(WeightSyncError, TimeoutError):
-    """A phase did not finish on every rank within its timeout."""
-
-
 class RankFailed(WeightSyncError):
     """One or more ranks failed a phase.
 
     `failures` maps rank -> message; `errors` maps rank -> the exception it raised, where
-    there was one (a rank that timed out or died has a message only).
+    there was one; `lost` holds the ranks that died or did not answer in time (their
+    replica must be rebuilt before it serves again).
     """
 
     def __init__(
@@ -55,16 +54,22 @@ class RankFailed(WeightSyncError):
         phase: str,
         failures: dict[int, str],
         errors: dict[int, BaseException] | None = None,
+        lost: Iterable[int] = (),
     ):
         self.phase = phase
         self.failures = dict(sorted(failures.items()))
         self.errors = dict(errors or {})
+        self.lost = frozenset(lost)
         lines = "; ".join(f"rank {r}: {msg}" for r, msg in self.failures.items())
         super().__init__(f"phase '{phase}' failed on rank(s) {list(self.failures)}: {lines}")
 
     def __reduce__(self):
         # Crosses Ray as itself: rebuild from the constructor's arguments, not the message.
-        return (type(self), (self.phase, self.failures, self.errors))
+        return (type(self), (self.phase, self.failures, self.errors, self.lost))
+
+
+class PhaseTimeout(RankFailed, TimeoutError):
+    """A phase did not finish on every rank within its timeout (the slow ranks are `lost`)."""
 
 
 # Raised by a rank before it writes a byte: the weights it had still stand.

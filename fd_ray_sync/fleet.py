@@ -65,7 +65,10 @@ class Fleet:
         try:
             _get(coordinator.start.remote())
         except Exception:
-            ray.kill(coordinator)
+            try:  # the ranks and placement group are detached: take them down too
+                ray.get(coordinator.shutdown.remote(), timeout=60)
+            finally:
+                ray.kill(coordinator)
             raise
         return cls(coordinator, config)
 
