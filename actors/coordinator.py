@@ -143,12 +143,25 @@ class CoordinatorActor:
     def _replica_ranks(self, replica: int) -> list[int]:
         return self.config.parallel().replica_ranks(replica)
 
-    def _form_replica(self, replica: int) -> None:
-        """Wait for the replica's rank processes, then join them into one world."""
+    def _form_replica(self, replica: int, attempts: int = 3) -> None:
+        """Wait for the replica's rank processes, then join them into one world.
+
+        A rank process that dies while the world forms (a crash, a killed process) takes
+        the whole replica through another try: a paddle world cannot take in a newcomer.
+        """
         ranks = self._replica_ranks(replica)
-        deadline = time.monotonic() + self.config.phase_timeout_s
-        endpoints = [self._await_alive(r, deadline) for r in ranks]
-        self._phase("setup", lambda a: a.setup.remote(endpoints), ranks)
+        for attempt in range(1, attempts + 1):
+            deadline = time.monotonic() + self.config.phase_timeout_s
+            try:
+                endpoints = [self._await_alive(r, deadline) for r in ranks]
+                self._phase("setup", lambda a: a.setup.remote(endpoints), ranks)
+                return
+            except RankFailed as e:
+                if not e.lost or attempt == attempts:
+                    raise
+                self.log.warning("replica %d did not form (%s); try %d", replica, e, attempt + 1)
+                for rank in ranks:
+                    ray.kill(self.ranks[rank], no_restart=False)
 
     def _await_alive(self, rank: int, deadline: float) -> str:
         while True:
