@@ -28,7 +28,7 @@ from fd_ray_sync.messages import LoadReport
 from fd_ray_sync.sources.base import WeightSource
 from fd_ray_sync.sources.object_store import ObjectStoreSource
 from fd_ray_sync.sources.snapshot import SnapshotSource
-from fd_ray_sync.status import ModelWeightsStatus
+from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 
 EngineFactory = Callable[[ParallelConfig, CommGroups], InferenceEngine]
 
@@ -104,8 +104,11 @@ class WeightManagerActor:
     # --- transaction phases --------------------------------------------------------------
 
     def pause(self) -> None:
-        """Stop serving: drop requests and caches (nothing is queued between remote calls)."""
-        self._engine().clear_requests()
+        """Stop serving: drop requests and the KV/prefix cache, which the new weights would
+        make stale (the load re-allocates it)."""
+        engine = self._engine()
+        engine.clear_requests()
+        engine.free_kv_cache()
 
     def clear(self, shutdown_comm_groups: bool | None = None) -> float:
         return self._manager().clear_parameters(shutdown_comm_groups)
@@ -152,6 +155,8 @@ class WeightManagerActor:
         self._pending = None
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()
+        if m.kv_cache_status != KVCacheStatus.NORMAL:
+            self._engine().alloc_kv_cache()
 
     # --- serving -------------------------------------------------------------------------
 
@@ -186,12 +191,23 @@ class WeightManagerActor:
 
     @ray.method(concurrency_group="status")
     def memory(self) -> dict:
-        """This process's resident memory now and at its peak (bytes)."""
-        import resource
+        """This process's memory in bytes: private (anonymous) resident memory, shared
+        resident memory (mostly object-store pages it has mapped), and peak RSS."""
+        return process_memory()
 
-        with open("/proc/self/statm") as f:
-            rss_pages = int(f.read().split()[1])
-        return {
-            "rss": rss_pages * os.sysconf("SC_PAGE_SIZE"),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        }
+
+def process_memory() -> dict:
+    import resource
+
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {
+        "rss": fields.get("VmRSS", 0),
+        "rss_anon": fields.get("RssAnon", 0),
+        "rss_shared": fields.get("RssShmem", 0) + fields.get("RssFile", 0),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

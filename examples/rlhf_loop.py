@@ -63,13 +63,13 @@ class Trainer:
         return {name: p.numpy() for name, p in self.model.named_parameters()}
 
     def _completion_logprob(self, prompt: str, completion: str) -> paddle.Tensor:
-        """Sum of log p(completion token | everything before it)."""
+        """Mean over the completion's tokens of log p(token | everything before it)."""
         p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
         ids = (p_ids + c_ids)[: self.max_len]
         tokens = paddle.to_tensor([ids], dtype="int64")
         logp = F.log_softmax(self.model(tokens)[0, :-1], axis=-1)  # predicts ids[1:]
         picked = paddle.take_along_axis(logp, tokens[0, 1:].unsqueeze(-1), axis=-1)
-        return picked[len(p_ids) - 1 :].sum()
+        return picked[len(p_ids) - 1 :].mean()
 
     def train_step(self, rollouts: list[tuple[str, str, float]], iters: int) -> float:
         """`iters` Adam steps on -(advantage-weighted rollout likelihood) + demo NLL."""
@@ -78,10 +78,10 @@ class Trainer:
         demos = [(p, (TARGET * self.demo_len)[: self.demo_len]) for p, _, _ in rollouts]
         for _ in range(iters):
             pg = sum(
-                -float(a) * self._completion_logprob(p, c) / max(1, len(c))
+                -float(a) * self._completion_logprob(p, c)
                 for (p, c, _), a in zip(rollouts, advantages)
             )
-            sft = sum(-self._completion_logprob(p, d) / len(d) for p, d in demos)
+            sft = sum(-self._completion_logprob(p, d) for p, d in demos)
             loss = (pg + sft) / len(rollouts)
             loss.backward()
             self.opt.step()
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="Train/update steps.")
     parser.add_argument("--new-tokens", type=int, default=12, help="Tokens per rollout.")
-    parser.add_argument("--iters", type=int, default=8, help="Adam steps per train step.")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate.")
+    parser.add_argument("--iters", type=int, default=4, help="Adam steps per train step.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
     parser.add_argument("--seed", type=int, default=0, help="Initial weights' seed.")
     parser.add_argument(
         "--address",
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "cluster, or a new local one.",
     )
     args = parser.parse_args(argv)
+    if args.steps < 0 or args.new_tokens < 1 or args.iters < 1:
+        parser.error("--steps must be >= 0, --new-tokens and --iters >= 1")
 
     ray.init(address=args.address, namespace=NAMESPACE)
     name = f"rlhf-{uuid.uuid4().hex[:8]}"

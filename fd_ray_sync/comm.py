@@ -54,9 +54,9 @@ class CommGroups:
     With `tp == 1` there are no groups and every operation is a no-op.
     """
 
-    def __init__(self, parallel: ParallelConfig, timeout_s: float = 1800.0):
+    def __init__(self, parallel: ParallelConfig):
         self.parallel = parallel
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout = timedelta(seconds=parallel.collective_timeout_s)
         self.tp_group = None
         self.ep_group = None
         self._up = False

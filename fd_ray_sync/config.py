@@ -66,6 +66,9 @@ class ParallelConfig(_Frozen):
     enable_expert_parallel: bool = Field(False, description="Split MoE experts over EP ranks.")
     rank: int = Field(0, ge=0, description="This process's global rank.")
     backend: Literal["gloo", "nccl"] = Field("gloo", description="Collective backend.")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="Timeout of every TP/EP collective (gloo and NCCL groups)."
+    )
     shutdown_comm_groups_on_clear: bool = Field(
         False,
         description="Tear TP/EP groups down on clear and rebuild them on the next load "
@@ -137,4 +140,6 @@ class FleetConfig(_Frozen):
             enable_expert_parallel=self.enable_expert_parallel,
             rank=rank,
             backend="nccl" if self.use_gpu else "gloo",
+            # A hung collective must surface before the coordinator's barrier gives up on it.
+            collective_timeout_s=self.phase_timeout_s,
         )

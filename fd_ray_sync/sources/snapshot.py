@@ -55,7 +55,7 @@ def find_snapshot_files(
 
     parts = _part_files(folder, base, log)
     if parts:
-        return parts
+        return [_inside(p, folder) for p in parts]
     candidates = [folder / f"{base}.{ext}" for ext in EXTENSIONS]
     candidates += [folder / f"model_state.tp0{snapshot_id}.{ext}" for ext in EXTENSIONS]
     if fallback_dir is not None:
@@ -64,11 +64,19 @@ def find_snapshot_files(
         if path.is_file():
             if fallback_dir is not None and path.parent == fallback_dir:
                 log.info("no local snapshot in %s, falling back to %s", folder, path)
-            return [path]
+            return [_inside(path, path.parent)]
     checked = f"{folder} (parts, full, legacy)"
     if fallback_dir is not None:
         checked += f" and {fallback_dir}"
     raise SnapshotError(f"no snapshot found for {base}: checked {checked}")
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """`path`, unless it resolves (through symlinks) to a file outside `root`."""
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise SnapshotError(f"{path} resolves to {real}, outside the snapshot folder {root}")
+    return path
 
 
 def _part_files(folder: Path, base: str, log) -> list[Path]:

@@ -150,3 +150,16 @@ def test_versions_are_validated_and_ordered():
             validate_version(bad)
     assert is_newer("10", "9") and not is_newer("9", "10") and not is_newer("3", "3")
     assert is_newer("step-10", "step-9") and is_newer("1", None)
+
+
+def test_a_file_that_escapes_its_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_rank_snapshot(outside, 0, _state(1), part_bytes=1 << 20)
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    (folder / "model_state.tp0.0.safetensors").symlink_to(
+        outside / "model_state.tp0.0.safetensors"
+    )
+    with pytest.raises(SnapshotError, match="outside the snapshot folder"):
+        SnapshotSource(folder, 0)
