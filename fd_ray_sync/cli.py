@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     clear = sub.add_parser("clear", help="free a fleet's weights and KV cache")
     _fleet_args(clear)
 
+    chaos = sub.add_parser("chaos", help="updates under rank and coordinator kills, with figures")
+    chaos.add_argument("--updates", type=int, default=20)
+    chaos.add_argument("--dp", type=int, default=2)
+    chaos.add_argument("--tp", type=int, default=2)
+    chaos.add_argument("--kill-interval", type=float, default=6.0, help="mean seconds")
+    chaos.add_argument("--no-coordinator-kill", action="store_true")
+    chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument("--json", default=None, help="also write the figures to this file")
+
     shutdown = sub.add_parser("shutdown", help="stop a fleet")
     _fleet_args(shutdown)
     return parser
@@ -167,6 +176,31 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "·" for c in text)
 
 
+def cmd_chaos(args) -> int:
+    from fd_ray_sync.chaos import ChaosConfig, run_chaos
+
+    cfg = ChaosConfig(
+        updates=args.updates,
+        dp=args.dp,
+        tp=args.tp,
+        kill_interval_s=args.kill_interval,
+        kill_coordinator=not args.no_coordinator_kill,
+        seed=args.seed,
+    )
+    print(
+        f"chaos: {cfg.updates} updates on dp={cfg.dp} x tp={cfg.tp}, a rank killed every "
+        f"~{cfg.kill_interval_s:g}s" + (", the coordinator once" if cfg.kill_coordinator else "")
+    )
+    report = run_chaos(cfg)
+    for key, value in report.model_dump().items():
+        print(f"  {key:32s} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.model_dump_json(indent=2))
+    bad = report.mixed_version_results + report.params_not_matching_committed
+    return 1 if bad else 0
+
+
 def trainer_text() -> str:
     from fd_ray_sync.trainer import DEMO_TEXT
 
@@ -179,6 +213,7 @@ _COMMANDS = {
     "status": cmd_status,
     "update": cmd_update,
     "clear": cmd_clear,
+    "chaos": cmd_chaos,
     "shutdown": cmd_shutdown,
 }
 

@@ -46,6 +46,7 @@ class Fleet:
         self.coordinator = coordinator
         self.config = config
         self._plans: dict[int, dict[str, ShardSpec]] | None = None
+        self._held: list[list] = []  # bucket refs of the committed (and an unsure) version
 
     @classmethod
     def launch(
@@ -121,7 +122,19 @@ class Fleet:
             metas.append(meta)
         by_tp = {rank: combine_digests(d) for rank, d in digests.items()}
         expected = {r: by_tp[r % self.config.tp] for r in all_plans} or None
-        return _get(self.coordinator.update_buckets.remote(metas, refs, version, expected, force))
+        try:
+            report = _get(
+                self.coordinator.update_buckets.remote(metas, refs, version, expected, force)
+            )
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            # The coordinator died mid-update: this version may have been committed. Keep
+            # its buckets alive with the last committed ones until an update is confirmed.
+            self._held = [*self._held[-1:], refs]
+            raise
+        # This driver owns the buckets: holding the committed version's refs keeps them
+        # (the rollback and recovery copy) alive even if every rank holding them dies.
+        self._held = [refs]
+        return report
 
     def update_from_snapshot(
         self, path: str | os.PathLike, version: str | int | None = None, force: bool = False

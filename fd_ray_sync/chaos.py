@@ -1,0 +1,199 @@
+"""A chaos run: updates while clients generate and ranks (and once the coordinator) are killed.
+
+    fd-ray-sync chaos --updates 20 --dp 2 --tp 2
+
+It runs on a local Ray cluster (it kills processes by pid), pushes `updates` versions of the
+tiny reference model while client threads generate without pause, SIGKILLs a random rank
+every few seconds and the coordinator once, then heals the fleet and counts what happened.
+Two figures must be zero: results whose text is not what their version's weights produce
+(a mixed or stale result), and ranks whose weights do not match the fleet's version.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.config import FleetConfig
+from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.sharding import take_shard
+
+PROMPT = "The trainer "
+
+
+class ChaosConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    updates: int = Field(20, ge=1, description="Versions to push.")
+    dp: int = Field(2, ge=1)
+    tp: int = Field(2, ge=1)
+    clients: int = Field(2, ge=1, description="Threads generating without pause.")
+    kill_interval_s: float = Field(6.0, gt=0, description="Mean seconds between rank kills.")
+    step_s: float = Field(1.0, ge=0, description="Seconds between updates (the training step).")
+    kill_coordinator: bool = Field(True, description="Kill the coordinator once, mid-run.")
+    phase_timeout_s: float = Field(30.0, gt=0)
+    tokens: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class ChaosReport(BaseModel):
+    updates_tried: int = 0
+    updates_committed: int = 0
+    updates_aborted: int = 0
+    ranks_killed: int = 0
+    ranks_recovered: int = 0
+    coordinator_killed: int = 0
+    coordinator_recovered: int = 0
+    requests_served: int = 0
+    requests_failed: int = 0
+    mixed_version_results: int = 0
+    params_not_matching_committed: int = 0
+    final_version: str | None = None
+    final_ranks: list[dict] = Field(default_factory=list, description="Each rank at the end.")
+    seconds: float = 0.0
+
+
+class _Run:
+    def __init__(self, cfg: ChaosConfig, fleet: Fleet):
+        self.cfg, self.fleet = cfg, fleet
+        self.report = ChaosReport()
+        self.rng = random.Random(cfg.seed)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.model = preset("tiny")
+        self.states: dict[str, dict] = {}
+        self.texts: dict[str, str] = {}
+
+    def prepare(self, version: str) -> dict:
+        """The weights of `version` and the text they must produce."""
+        state = init_full_state_dict(self.model, seed=1000 + int(version))
+        engine = ReferenceEngine(self.model)
+        engine.load_full_state_dict(state)
+        with self.lock:
+            self.states[version] = state
+            self.texts[version] = engine.generate([PROMPT], self.cfg.tokens)[0]
+        return state
+
+    def client(self) -> None:
+        while not self.stop.is_set():
+            try:
+                result = self.fleet.generate([PROMPT], self.cfg.tokens)[0]
+            except Exception:  # noqa: BLE001 - counted: the figure is the point
+                with self.lock:
+                    self.report.requests_failed += 1
+                time.sleep(0.2)
+                continue
+            with self.lock:
+                self.report.requests_served += 1
+                if self.texts.get(result.version) != result.text:
+                    self.report.mixed_version_results += 1
+
+    def killer(self) -> None:
+        coordinator_at = self.rng.uniform(0.3, 0.7) * self.cfg.updates
+        while not self.stop.wait(self.rng.expovariate(1.0 / self.cfg.kill_interval_s)):
+            if (
+                self.cfg.kill_coordinator
+                and not self.report.coordinator_killed
+                and (self.report.updates_tried >= coordinator_at)
+            ):
+                ray.kill(self.fleet.coordinator, no_restart=False)
+                self.report.coordinator_killed += 1
+                continue
+            try:
+                ranks = self.fleet.status()["ranks"]
+                pid = self.rng.choice([r["pid"] for r in ranks if "pid" in r])
+                os.kill(pid, signal.SIGKILL)
+                self.report.ranks_killed += 1
+            except Exception:  # noqa: BLE001 - coordinator restarting or rank gone: skip
+                pass
+
+    def wait_for_coordinator(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.fleet.status()
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def run(self) -> ChaosReport:
+        start = time.monotonic()
+        self.fleet.update(self.prepare("0"), version=0)
+        threads = [threading.Thread(target=self.client) for _ in range(self.cfg.clients)]
+        threads.append(threading.Thread(target=self.killer))
+        for t in threads:
+            t.start()
+        try:
+            for v in range(1, self.cfg.updates + 1):
+                time.sleep(self.cfg.step_s)
+                state = self.prepare(str(v))
+                self.report.updates_tried += 1
+                try:
+                    self.fleet.update(state, version=v)
+                    self.report.updates_committed += 1
+                except Exception:  # noqa: BLE001 - an abort is an outcome, not a crash
+                    self.report.updates_aborted += 1
+                    self.wait_for_coordinator()
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        self.finish()
+        self.report.seconds = time.monotonic() - start
+        return self.report
+
+    def finish(self) -> None:
+        self.wait_for_coordinator()
+        if self.report.coordinator_killed:
+            self.report.coordinator_recovered = 1
+        ray.get(self.fleet.coordinator.heal.remote())
+        status = self.fleet.status()
+        version = status["version"]
+        self.report.final_version = version
+        plans = self.fleet.shard_plans()
+        state = self.states[version]
+        healthy = 0
+        self.report.final_ranks = [
+            {k: r.get(k) for k in ("rank", "weights", "version", "fingerprint", "error")}
+            for r in status["ranks"]
+        ]
+        for r in status["ranks"]:
+            want = fingerprint(
+                (n, "float32", take_shard(a, plans[r["rank"]][n])) for n, a in state.items()
+            )
+            ok = r.get("weights") == "NORMAL" and r.get("version") == version
+            if ok and r.get("fingerprint") == want:
+                healthy += 1
+            else:
+                self.report.params_not_matching_committed += 1
+        lost = len(status["ranks"]) - healthy
+        self.report.ranks_recovered = max(0, self.report.ranks_killed - lost)
+
+
+def run_chaos(cfg: ChaosConfig) -> ChaosReport:
+    """Run on the Ray instance this process is connected to (started locally if none)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2 * cfg.dp * cfg.tp, namespace="fd_ray_sync", log_to_driver=False)
+    fleet = Fleet.launch(
+        FleetConfig(
+            name=f"chaos-{os.getpid()}-{cfg.seed}",
+            dp=cfg.dp,
+            tp=cfg.tp,
+            phase_timeout_s=cfg.phase_timeout_s,
+        )
+    )
+    try:
+        return _Run(cfg, fleet).run()
+    finally:
+        fleet.shutdown()
