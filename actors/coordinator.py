@@ -154,7 +154,7 @@ class CoordinatorActor:
             deadline = time.monotonic() + self.config.phase_timeout_s
             try:
                 endpoints = [self._await_alive(r, deadline) for r in ranks]
-                self._phase("setup", lambda a: a.setup.remote(endpoints), ranks)
+                self._phase("setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks)
                 return
             except RankFailed as e:
                 if not e.lost or attempt == attempts:

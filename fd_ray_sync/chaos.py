@@ -97,17 +97,12 @@ class _Run:
                 if self.texts.get(result.version) != result.text:
                     self.report.mixed_version_results += 1
 
+    def kill_coordinator(self) -> None:
+        ray.kill(self.fleet.coordinator, no_restart=False)
+        self.report.coordinator_killed += 1
+
     def killer(self) -> None:
-        coordinator_at = self.rng.uniform(0.3, 0.7) * self.cfg.updates
         while not self.stop.wait(self.rng.expovariate(1.0 / self.cfg.kill_interval_s)):
-            if (
-                self.cfg.kill_coordinator
-                and not self.report.coordinator_killed
-                and (self.report.updates_tried >= coordinator_at)
-            ):
-                ray.kill(self.fleet.coordinator, no_restart=False)
-                self.report.coordinator_killed += 1
-                continue
             try:
                 ranks = self.fleet.status()["ranks"]
                 pid = self.rng.choice([r["pid"] for r in ranks if "pid" in r])
@@ -134,11 +129,14 @@ class _Run:
         threads.append(threading.Thread(target=self.killer))
         for t in threads:
             t.start()
+        coordinator_at = self.rng.randint(1, self.cfg.updates) if self.cfg.kill_coordinator else 0
         try:
             for v in range(1, self.cfg.updates + 1):
                 time.sleep(self.cfg.step_s)
                 state = self.prepare(str(v))
                 self.report.updates_tried += 1
+                if v == coordinator_at:  # somewhere inside this update's phases
+                    threading.Timer(self.rng.uniform(0, 0.05), self.kill_coordinator).start()
                 try:
                     self.fleet.update(state, version=v)
                     self.report.updates_committed += 1

@@ -158,8 +158,6 @@ def test_a_file_that_escapes_its_folder_is_refused(tmp_path):
     write_rank_snapshot(outside, 0, _state(1), part_bytes=1 << 20)
     folder = tmp_path / "snap"
     folder.mkdir()
-    (folder / "model_state.tp0.0.safetensors").symlink_to(
-        outside / "model_state.tp0.0.safetensors"
-    )
+    (folder / "model_state.tp0.0.safetensors").symlink_to(outside / "model_state.tp0.0.safetensors")
     with pytest.raises(SnapshotError, match="outside the snapshot folder"):
         SnapshotSource(folder, 0)
