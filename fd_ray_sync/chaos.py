@@ -102,14 +102,18 @@ class _Run:
         self.report.coordinator_killed += 1
 
     def killer(self) -> None:
-        while not self.stop.wait(self.rng.expovariate(1.0 / self.cfg.kill_interval_s)):
+        # The first kill comes early, so even a short run kills at least one rank.
+        wait = self.rng.uniform(0.2, 1.0) * self.cfg.kill_interval_s
+        while not self.stop.wait(wait):
             try:
                 ranks = self.fleet.status()["ranks"]
                 pid = self.rng.choice([r["pid"] for r in ranks if "pid" in r])
                 os.kill(pid, signal.SIGKILL)
-                self.report.ranks_killed += 1
-            except Exception:  # noqa: BLE001 - coordinator restarting or rank gone: skip
-                pass
+            except Exception:  # noqa: BLE001 - coordinator restarting, rank gone: try again
+                wait = 0.5
+                continue
+            self.report.ranks_killed += 1
+            wait = self.rng.expovariate(1.0 / self.cfg.kill_interval_s)
 
     def wait_for_coordinator(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
