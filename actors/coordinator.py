@@ -191,7 +191,7 @@ class CoordinatorActor:
         spec = self._committed
         self._phase("restore", lambda a: a.restart.remote(), ranks)
         self._phase("restore", lambda a: a.load.remote(spec), ranks)
-        self._phase("restore", lambda a: a.verify.remote(), ranks)
+        self._phase("restore", lambda a: a.verify.remote(self.config.fingerprint), ranks)
         self._phase("restore", lambda a: a.commit.remote(), ranks)
 
     def heal(self) -> dict:
@@ -316,7 +316,8 @@ class CoordinatorActor:
             if spec.version is None:
                 self._check_newer(loaded, force)
             # 6. verify: every parameter loaded, fingerprints as the trainer computed them.
-            checks = timed("verify", lambda a: a.verify.remote())
+            fp = self.config.fingerprint or bool(expected)
+            checks = timed("verify", lambda a: a.verify.remote(fp))
             fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
             wrong = {
                 r: f"fingerprint {fingerprints[r]}, trainer expected {want}"

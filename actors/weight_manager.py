@@ -24,6 +24,7 @@ from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import REFUSED_BEFORE_WRITE, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager
+from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport
 from fd_ray_sync.sources.base import WeightSource
 from fd_ray_sync.sources.object_store import ObjectStoreSource
@@ -75,6 +76,7 @@ class WeightManagerActor:
         self._fingerprint: str | None = None
         self._pending: SourceSpec | None = None
         self.committed: SourceSpec | None = None
+        self._watch: AnonPeak | None = None
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -143,10 +145,10 @@ class WeightManagerActor:
             return SnapshotSource.from_config(self.load, self.parallel, spec.folder)
         raise StateError(f"unknown source kind {spec.kind!r}; known: 'buckets', 'snapshot'")
 
-    def verify(self) -> dict:
+    def verify(self, fingerprint: bool = True) -> dict:
         m = self._manager()
         m.verify_parameters("update")
-        self._fingerprint = m.fingerprint()
+        self._fingerprint = m.fingerprint() if fingerprint else None
         version = self._pending.version if self._pending else None
         return {"rank": self.rank, "version": version, "fingerprint": self._fingerprint}
 
@@ -196,23 +198,17 @@ class WeightManagerActor:
 
     @ray.method(concurrency_group="status")
     def memory(self) -> dict:
-        """This process's memory in bytes: private (anonymous) resident memory, shared
-        resident memory (mostly object-store pages it has mapped), and peak RSS."""
-        return process_memory()
+        """This process's memory in bytes (see fd_ray_sync.memwatch.memory_now)."""
+        return memory_now()
 
+    @ray.method(concurrency_group="status")
+    def watch_memory(self) -> None:
+        """Start sampling this process's private memory (for benchmarks)."""
+        self._watch = AnonPeak()
 
-def process_memory() -> dict:
-    import resource
-
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS"):
-                fields[key] = int(value.split()[0]) * 1024
-    return {
-        "rss": fields.get("VmRSS", 0),
-        "rss_anon": fields.get("RssAnon", 0),
-        "rss_shared": fields.get("RssShmem", 0) + fields.get("RssFile", 0),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    @ray.method(concurrency_group="status")
+    def peak_extra_memory(self) -> int:
+        """Peak growth of private memory since `watch_memory()` (bytes)."""
+        if self._watch is None:
+            raise StateError(f"rank {self.rank}: watch_memory() was not called")
+        return self._watch.stop()

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--seed", type=int, default=0)
     chaos.add_argument("--json", default=None, help="also write the figures to this file")
 
+    from fd_ray_sync import bench
+
+    bench_parser = sub.add_parser("bench", help="transfer methods side by side, with figures")
+    bench.add_arguments(bench_parser)
+
     shutdown = sub.add_parser("shutdown", help="stop a fleet")
     _fleet_args(shutdown)
     return parser
@@ -214,6 +219,7 @@ _COMMANDS = {
     "update": cmd_update,
     "clear": cmd_clear,
     "chaos": cmd_chaos,
+    "bench": lambda args: __import__("fd_ray_sync.bench").bench.run_from_args(args),
     "shutdown": cmd_shutdown,
 }
 

@@ -1,0 +1,433 @@
+"""`fd-ray-sync bench`: weight transfer methods side by side on one synthetic model.
+
+    python -m fd_ray_sync.bench --size-gb 1 --tp 2 --runs 3
+
+Each method moves the same full weights (about 200 tensors) from this process (the trainer)
+into `dp * tp` rank processes, each keeping only its TP slice. Per method: median seconds of
+`runs` after a warm-up, GB/s of the model, ratio to the floor (one copy into the object store
+plus each rank's copy of its share, at the memcpy speed measured first), peak extra private
+memory of the trainer and of each rank, and a check that every rank ended bit-identical to
+its expected slice. The object store is drained between runs (Ray frees asynchronously and
+a full store spills to disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import ray
+
+from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.config import FleetConfig, LoadConfig, ParallelConfig
+from fd_ray_sync.engine.synthetic import (
+    SyntheticEngine,
+    synthetic_plan,
+    synthetic_shapes,
+    synthetic_weights,
+)
+from fd_ray_sync.memwatch import AnonPeak, memory_now
+from fd_ray_sync.ray_stats import object_store_bytes_used
+from fd_ray_sync.sharding import take_shard
+
+GB = 1e9
+
+
+def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Best-of-`repeats` single-core copy bandwidth between two touched host buffers."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return nbytes / best / GB
+
+
+def _timed(fn: Callable) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def wait_store_drained(limit: int, timeout_s: float = 60.0) -> None:
+    """Wait until the object store holds at most `limit` bytes (Ray frees asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while object_store_bytes_used() > limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class Setup:
+    """The synthetic model and what each rank must end up holding."""
+
+    def __init__(self, size_gb: float, tp: int, dp: int):
+        self.total_bytes = int(size_gb * (1 << 30))
+        self.tp, self.dp = tp, dp
+        self.shapes = synthetic_shapes(self.total_bytes)
+        self.model_bytes = sum(int(np.prod(s)) * 4 for s in self.shapes.values())
+        self.plans = {r: synthetic_plan(self.shapes, tp, r % tp) for r in range(tp * dp)}
+        self.share_bytes = {
+            r: sum(int(np.prod(plan[n].local_shape(s))) * 4 for n, s in self.shapes.items())
+            for r, plan in self.plans.items()
+        }
+
+    def weights(self, seed: int):
+        return synthetic_weights(self.shapes, seed)
+
+    def expected_fingerprints(self, seed: int) -> dict[int, str]:
+        by_tp = {}
+        for r in range(self.tp):
+            plan = self.plans[r]
+            by_tp[r] = fingerprint(
+                (n, "float32", take_shard(a, plan[n])) for n, a in self.weights(seed)
+            )
+        return {r: by_tp[r % self.tp] for r in self.plans}
+
+    def floor_s(self, gbps: float) -> float:
+        return (self.model_bytes + sum(self.share_bytes.values())) / (gbps * GB)
+
+
+# --- methods ------------------------------------------------------------------------------
+
+
+def _fleet(setup: Setup, name: str, checksums: bool):
+    from fd_ray_sync.fleet import Fleet
+
+    config = FleetConfig(
+        name=name,
+        tp=setup.tp,
+        dp=setup.dp,
+        enable_expert_parallel=False,
+        phase_timeout_s=600,
+        load=LoadConfig(load_strategy="object_store", verify_checksum=checksums),
+        fingerprint=checksums,
+    )
+    factory = functools.partial(SyntheticEngine, setup.total_bytes)
+    return Fleet.launch(config, engine_factory=factory)
+
+
+def _rank_handles(fleet) -> list:
+    return ray.get(fleet.coordinator.rank_handles.remote())
+
+
+def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
+    """Ours: the object store (with or without checksums) or per-rank snapshots."""
+    fleet = _fleet(setup, f"bench-{how}", checksums=(how == "object_store"))
+    ranks = _rank_handles(fleet)
+    folder = tempfile.mkdtemp(prefix="fdrs-bench-")
+    times, extra = [], {}
+    try:
+        for run in range(runs + 1):  # run 0 is the warm-up
+            seed = version = run + 1
+            if how == "snapshot":
+                from fd_ray_sync.sources.snapshot import write_snapshot
+
+                path = os.path.join(folder, f"v{version}")
+                t = time.perf_counter()
+                full = dict(setup.weights(seed))
+                write_snapshot(
+                    path, full, setup.plans.__getitem__, setup.tp, str(version), 256 << 20
+                )
+                extra["snapshot_write_s"] = time.perf_counter() - t
+                del full
+            wait_store_drained(int(setup.model_bytes * 1.1) + (64 << 20))
+            ray.get([r.watch_memory.remote() for r in ranks])
+            trainer = AnonPeak()
+            t = time.perf_counter()
+            if how == "snapshot":
+                fleet.update_from_snapshot(path, str(version))
+            else:
+                fleet.update(setup.weights(seed), version=version, verify_fingerprints=False)
+            dt = time.perf_counter() - t
+            trainer_extra = trainer.stop()
+            rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
+            if run:
+                times.append(dt)
+        # Checked after the timed runs: every rank digests what it holds.
+        got = {r["rank"]: r["fingerprint"] for r in ray.get([h.verify.remote() for h in ranks])}
+        ok = got == setup.expected_fingerprints(runs + 1)
+    finally:
+        fleet.shutdown()
+    return {
+        "times": times,
+        "trainer_extra": trainer_extra,
+        "rank_extra": rank_extra,
+        "bit_identical": ok,
+        **extra,
+    }
+
+
+class _PlainRank:
+    """A rank of the baselines: paddle parameters of its slices, loaded the usual ways."""
+
+    def __init__(self, total_bytes: int, tp: int, rank: int):
+        import paddle
+
+        paddle.disable_signal_handler()
+        self.engine = SyntheticEngine(total_bytes, ParallelConfig(tp=tp, rank=rank), _NoGroups())
+        self.params = self.engine.models()[0].state_dict()
+        self.plan = self.engine.shard_plan()
+        self._watch: AnonPeak | None = None
+
+    def watch(self) -> None:
+        self._watch = AnonPeak()
+
+    def peak(self) -> int:
+        return self._watch.stop()
+
+    def load_object(self, wrapped: list) -> None:
+        """Naive Ray: get the whole state dict, set_value each slice."""
+        state = ray.get(wrapped[0])
+        for name, param in self.params.items():
+            param.set_value(np.ascontiguousarray(take_shard(state[name], self.plan[name])))
+
+    def load_pdparams(self, path: str) -> None:
+        """FastDeploy-style: paddle.load of a pickle this benchmark wrote itself."""
+        import paddle
+
+        state = paddle.load(path)  # the one place pickle is loaded: our own bench files
+        for name, param in self.params.items():
+            param.set_value(state[name])
+
+    def fingerprint(self) -> str:
+        from fd_ray_sync.params import read_param
+
+        return fingerprint((n, "float32", read_param(p)) for n, p in self.params.items())
+
+
+PlainRank = ray.remote(num_cpus=1)(_PlainRank)
+
+
+class _NoGroups:
+    """The baselines' ranks run no collectives: an always-up stand-in for CommGroups."""
+
+    up = True
+
+    def start(self) -> None:
+        pass
+
+
+def run_baseline(setup: Setup, runs: int, how: str) -> dict:
+    world = setup.tp * setup.dp
+    ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
+    ray.get([r.watch.remote() for r in ranks])
+    ray.get([r.peak.remote() for r in ranks])
+    folder = tempfile.mkdtemp(prefix="fdrs-pdparams-")
+    times, extra = [], {}
+    try:
+        for run in range(runs + 1):
+            seed = run + 1
+            wait_store_drained(64 << 20)
+            ray.get([r.watch.remote() for r in ranks])
+            trainer = AnonPeak()
+            start = time.perf_counter()
+            if how == "naive_ray":
+                ref = ray.put(dict(setup.weights(seed)))
+                ray.get([r.load_object.remote([ref]) for r in ranks])
+                del ref
+            else:  # fastdeploy_pdparams: per-rank paddle.save, then paddle.load on each rank
+                import paddle
+
+                full = dict(setup.weights(seed))
+                paths = []
+                for r in range(setup.tp):
+                    local = {
+                        n: paddle.to_tensor(np.ascontiguousarray(take_shard(a, setup.plans[r][n])))
+                        for n, a in full.items()
+                    }
+                    paths.append(os.path.join(folder, f"model_state.tp{r}.pdparams"))
+                    paddle.save(local, paths[-1])
+                    del local
+                del full
+                ray.get(
+                    [rk.load_pdparams.remote(paths[i % setup.tp]) for i, rk in enumerate(ranks)]
+                )
+            dt = time.perf_counter() - start
+            trainer_extra = trainer.stop()
+            rank_extra = ray.get([r.peak.remote() for r in ranks])
+            if run:
+                times.append(dt)
+        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
+        ok = got == setup.expected_fingerprints(runs + 1)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+    return {
+        "times": times,
+        "trainer_extra": trainer_extra,
+        "rank_extra": rank_extra,
+        "bit_identical": ok,
+        **extra,
+    }
+
+
+def run_rdt(setup: Setup, runs: int) -> dict:
+    """Ray Direct Transport over gloo: a trainer actor returns torch tensors through the
+    collective group and each rank receives them (new tensors on every receive) and copies
+    its slices into its parameters."""
+    try:
+        import torch  # noqa: F401
+        from ray.experimental.collective import create_collective_group, destroy_collective_group
+    except ImportError as e:
+        return {"error": f"{type(e).__name__}: {e} (RDT's gloo transport moves torch tensors)"}
+    world = setup.tp * setup.dp
+    trainer = RdtTrainer.remote(setup.total_bytes)
+    ranks = [RdtRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
+    group = None
+    times, trainer_extra = [], 0
+    try:
+        group = create_collective_group([trainer, *ranks], backend="torch_gloo")
+        for run in range(runs + 1):
+            seed = run + 1
+            ray.get([r.watch.remote() for r in ranks])
+            start = time.perf_counter()
+            ref = trainer.weights.remote(seed)
+            ray.get([r.load.remote(ref) for r in ranks])
+            dt = time.perf_counter() - start
+            rank_extra = ray.get([r.peak.remote() for r in ranks])
+            del ref
+            if run:
+                times.append(dt)
+        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
+        ok = got == setup.expected_fingerprints(runs + 1)
+    except Exception as e:  # noqa: BLE001 - RDT is alpha: report how it failed, exactly
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if group is not None:
+            destroy_collective_group(group)
+        for actor in (trainer, *ranks):
+            ray.kill(actor)
+    return {
+        "times": times,
+        "trainer_extra": trainer_extra,
+        "rank_extra": rank_extra,
+        "bit_identical": ok,
+        "note": "trainer memory not sampled (it is an actor process)",
+    }
+
+
+@ray.remote(num_cpus=0, enable_tensor_transport=True)
+class RdtTrainer:
+    def __init__(self, total_bytes: int):
+        import torch
+
+        self.shapes = synthetic_shapes(total_bytes)
+        self.torch = torch
+
+    @ray.method(tensor_transport="gloo")
+    def weights(self, seed: int) -> dict:
+        return {n: self.torch.from_numpy(a) for n, a in synthetic_weights(self.shapes, seed)}
+
+
+@ray.remote(num_cpus=1, enable_tensor_transport=True)
+class RdtRank(_PlainRank):
+    def load(self, state: dict) -> None:
+        for name, param in self.params.items():
+            full = state[name].numpy()
+            param.set_value(np.ascontiguousarray(take_shard(full, self.plan[name])))
+
+
+METHODS = {
+    "object_store": lambda s, n: run_fleet_method(s, n, "object_store"),
+    "object_store_unchecked": lambda s, n: run_fleet_method(s, n, "object_store_unchecked"),
+    "snapshot": lambda s, n: run_fleet_method(s, n, "snapshot"),
+    "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
+    "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
+    "rdt_gloo": run_rdt,
+}
+
+
+def run_bench(size_gb: float, tp: int, dp: int, runs: int, methods: list[str]) -> dict:
+    setup = Setup(size_gb, tp, dp)
+    gbps = memcpy_gbps()
+    floor = setup.floor_s(gbps)
+    out = {
+        "model_bytes": setup.model_bytes,
+        "tensors": len(setup.shapes),
+        "tp": tp,
+        "dp": dp,
+        "runs": runs,
+        "memcpy_gbps": gbps,
+        "floor_s": floor,
+        "trainer_rss_before": memory_now()["rss_anon"],
+        "methods": {},
+    }
+    for name in methods:
+        result = METHODS[name](setup, runs)
+        if "times" in result:
+            median = statistics.median(result["times"])
+            result.update(
+                seconds=median,
+                gbps=setup.model_bytes / median / GB,
+                ratio_to_floor=median / floor,
+                bytes_leaving_trainer_node=0,  # one node: every transfer stays local
+            )
+        out["methods"][name] = result
+        print(_row(name, result), flush=True)
+    naive = out["methods"].get("naive_ray", {}).get("seconds")
+    ours = out["methods"].get("object_store", {}).get("seconds")
+    if naive and ours:
+        out["speedup_vs_naive"] = naive / ours
+    return out
+
+
+def _row(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name:24s} {r['error']}"
+    ranks = " ".join(f"{b / 2**20:.0f}" for b in r["rank_extra"])
+    return (
+        f"{name:24s} {r['seconds']:7.3f}s {r['gbps']:6.2f} GB/s  x{r['ratio_to_floor']:5.2f} floor"
+        f"  trainer +{r['trainer_extra'] / 2**20:5.0f} MiB  ranks +[{ranks}] MiB"
+        f"  bit-identical {r['bit_identical']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fd-ray-sync bench", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size-gb", type=float, default=1.0, help="model size in GiB")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+def run_from_args(args) -> int:
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if not ray.is_initialized():
+        ray.init(namespace="fd_ray_sync", log_to_driver=False, num_cpus=2 * args.tp * args.dp)
+    setup = Setup(args.size_gb, args.tp, args.dp)
+    print(
+        f"model {setup.model_bytes / 2**30:.2f} GiB in {len(setup.shapes)} tensors, "
+        f"dp={args.dp} x tp={args.tp}, {args.runs} runs after a warm-up"
+    )
+    result = run_bench(args.size_gb, args.tp, args.dp, args.runs, methods)
+    print(
+        f"memcpy {result['memcpy_gbps']:.1f} GB/s; floor {result['floor_s']:.3f}s"
+        + (
+            f"; object_store vs naive_ray: x{result['speedup_vs_naive']:.2f}"
+            if "speedup_vs_naive" in result
+            else ""
+        )
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
