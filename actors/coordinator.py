@@ -169,11 +169,22 @@ class CoordinatorActor:
                 left = max(0.1, deadline - time.monotonic())
                 return ray.get(self.ranks[rank].get_endpoint.remote(), timeout=left)
             except (*_LOST, ray.exceptions.GetTimeoutError) as e:
+                if self._gone_for_good(rank):
+                    self.log.warning("rank %d is dead for good; creating it anew", rank)
+                    self.ranks[rank] = self._create_rank(rank, bool(self.config.use_gpu))
                 if time.monotonic() >= deadline:
                     raise PhaseTimeout(
                         "restart", {rank: f"did not come back: {e}"}, lost=[rank]
                     ) from None
                 time.sleep(0.2)
+
+    def _gone_for_good(self, rank: int) -> bool:
+        """True when Ray will not restart the rank (its name is free again)."""
+        try:
+            ray.get_actor(rank_actor_name(self.config.name, rank), self.config.namespace)
+            return False
+        except ValueError:
+            return True
 
     def _rebuild_replica(self, replica: int) -> None:
         """Restart every rank process of a replica, form its world, load the committed version."""
