@@ -135,6 +135,8 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
                 )
                 extra["snapshot_write_s"] = time.perf_counter() - t
                 del full
+            # The trainer holds its model before the update starts, as a real one does.
+            full = None if how == "snapshot" else dict(setup.weights(seed))
             wait_store_drained(int(setup.model_bytes * 1.1) + (64 << 20))
             ray.get([r.watch_memory.remote() for r in ranks])
             trainer = AnonPeak()
@@ -142,8 +144,9 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             if how == "snapshot":
                 fleet.update_from_snapshot(path, str(version))
             else:
-                fleet.update(setup.weights(seed), version=version, verify_fingerprints=False)
+                fleet.update(full, version=version, verify_fingerprints=False)
             dt = time.perf_counter() - t
+            del full
             trainer_extra = trainer.stop()
             rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
             if run:
@@ -222,18 +225,18 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
     try:
         for run in range(runs + 1):
             seed = run + 1
+            full = dict(setup.weights(seed))
             wait_store_drained(64 << 20)
             ray.get([r.watch.remote() for r in ranks])
             trainer = AnonPeak()
             start = time.perf_counter()
             if how == "naive_ray":
-                ref = ray.put(dict(setup.weights(seed)))
+                ref = ray.put(full)
                 ray.get([r.load_object.remote([ref]) for r in ranks])
                 del ref
             else:  # fastdeploy_pdparams: per-rank paddle.save, then paddle.load on each rank
                 import paddle
 
-                full = dict(setup.weights(seed))
                 paths = []
                 for r in range(setup.tp):
                     local = {
@@ -243,12 +246,12 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
                     paths.append(os.path.join(folder, f"model_state.tp{r}.pdparams"))
                     paddle.save(local, paths[-1])
                     del local
-                del full
                 ray.get(
                     [rk.load_pdparams.remote(paths[i % setup.tp]) for i, rk in enumerate(ranks)]
                 )
             dt = time.perf_counter() - start
             trainer_extra = trainer.stop()
+            del full
             rank_extra = ray.get([r.peak.remote() for r in ranks])
             if run:
                 times.append(dt)

@@ -41,7 +41,9 @@ class UpdateReport(_Message):
     phase_s: dict[str, float] = Field(description="Seconds of each transaction phase.")
     total_s: float
     ranks: tuple[LoadReport, ...]
-    fingerprints: dict[int, str] = Field(description="Rank -> fingerprint of its weights.")
+    fingerprints: dict[int, str | None] = Field(
+        description="Rank -> fingerprint of its weights (None with FleetConfig.fingerprint off)."
+    )
 
 
 class GenerationResult(_Message):
