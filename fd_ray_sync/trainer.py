@@ -12,7 +12,13 @@ import numpy as np
 import paddle
 
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import DecoderLM, ModelConfig, next_token_loss, preset
+from fd_ray_sync.engine.model import (
+    DecoderLM,
+    ModelConfig,
+    assign_parameters,
+    next_token_loss,
+    preset,
+)
 from fd_ray_sync.engine.reference import init_full_state_dict
 
 DEMO_TEXT = (
@@ -36,9 +42,7 @@ class TinyTrainer:
         self.config = config or preset("tiny")
         paddle.seed(seed)
         self.model = DecoderLM(self.config)
-        initial = init_full_state_dict(self.config, seed)
-        for name, param in self.model.named_parameters():
-            param.set_value(initial[name])
+        assign_parameters(self.model, init_full_state_dict(self.config, seed))
         self.model.train()
         self.opt = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
         self.data = np.array(tokenizer.encode(text * 4), dtype=np.int64)

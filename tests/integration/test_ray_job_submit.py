@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from procs import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +42,6 @@ def _ray_cli() -> str:
     if found is None:
         pytest.fail("no `ray` command next to this python or on PATH")
     return found
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -118,7 +107,7 @@ def head() -> Iterator[Head]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     (gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager,
-     object_manager) = _free_ports(9)  # fmt: skip
+     object_manager) = free_ports(9)  # fmt: skip
     log = temp_dir / "ray_start.log"
     command = [
         _ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
