@@ -269,6 +269,30 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
     }
 
 
+def _rdt_actors():
+    """The RDT actor classes, defined only once torch is known to be there: Ray checks the
+    tensor transport when a method is declared."""
+    import torch
+
+    @ray.remote(num_cpus=0, enable_tensor_transport=True)
+    class RdtTrainer:
+        def __init__(self, total_bytes: int):
+            self.shapes = synthetic_shapes(total_bytes)
+
+        @ray.method(tensor_transport="gloo")
+        def weights(self, seed: int) -> dict:
+            return {n: torch.from_numpy(a) for n, a in synthetic_weights(self.shapes, seed)}
+
+    @ray.remote(num_cpus=1, enable_tensor_transport=True)
+    class RdtRank(_PlainRank):
+        def load(self, state: dict) -> None:
+            for name, param in self.params.items():
+                full = state[name].numpy()
+                param.set_value(np.ascontiguousarray(take_shard(full, self.plan[name])))
+
+    return RdtTrainer, RdtRank
+
+
 def run_rdt(setup: Setup, runs: int) -> dict:
     """Ray Direct Transport over gloo: a trainer actor returns torch tensors through the
     collective group and each rank receives them (new tensors on every receive) and copies
@@ -279,6 +303,7 @@ def run_rdt(setup: Setup, runs: int) -> dict:
     except ImportError as e:
         return {"error": f"{type(e).__name__}: {e} (RDT's gloo transport moves torch tensors)"}
     world = setup.tp * setup.dp
+    RdtTrainer, RdtRank = _rdt_actors()  # noqa: N806 - classes
     trainer = RdtTrainer.remote(setup.total_bytes)
     ranks = [RdtRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
     group = None
@@ -312,27 +337,6 @@ def run_rdt(setup: Setup, runs: int) -> dict:
         "bit_identical": ok,
         "note": "trainer memory not sampled (it is an actor process)",
     }
-
-
-@ray.remote(num_cpus=0, enable_tensor_transport=True)
-class RdtTrainer:
-    def __init__(self, total_bytes: int):
-        import torch
-
-        self.shapes = synthetic_shapes(total_bytes)
-        self.torch = torch
-
-    @ray.method(tensor_transport="gloo")
-    def weights(self, seed: int) -> dict:
-        return {n: self.torch.from_numpy(a) for n, a in synthetic_weights(self.shapes, seed)}
-
-
-@ray.remote(num_cpus=1, enable_tensor_transport=True)
-class RdtRank(_PlainRank):
-    def load(self, state: dict) -> None:
-        for name, param in self.params.items():
-            full = state[name].numpy()
-            param.set_value(np.ascontiguousarray(take_shard(full, self.plan[name])))
 
 
 METHODS = {
