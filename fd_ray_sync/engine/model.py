@@ -35,8 +35,10 @@ from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine.tokenizer import VOCAB_SIZE
 from fd_ray_sync.errors import ConfigError, StateError, WeightMismatchError
+from fd_ray_sync.params import param_dtype, write_param
 from fd_ray_sync.sharding import REPLICATED, ShardSpec
 from fd_ray_sync.status import KVCacheStatus
+from fd_ray_sync.tensors import dtype_name
 
 _ITEMSIZE = {"float32": 4}
 
@@ -452,15 +454,15 @@ def assign_parameters(model: DecoderLM, arrays: Mapping[str, np.ndarray]) -> Non
 def set_parameter(name: str, param: paddle.Tensor, array: np.ndarray) -> None:
     """Copy one array into one parameter after checking shape and dtype.
 
-    Works on cleared parameters too: `set_value` gives them storage again.
+    Works on cleared parameters too: they get storage of their own again.
     """
     if tuple(array.shape) != tuple(param.shape):
         raise WeightMismatchError(
             f"parameter {name}: shape {tuple(array.shape)} given, model has {tuple(param.shape)}"
         )
-    expected = str(param.dtype).removeprefix("paddle.")
-    if array.dtype.name != expected:
+    dtype = dtype_name(array.dtype)
+    if dtype != param_dtype(param):
         raise WeightMismatchError(
-            f"parameter {name}: dtype {array.dtype} given, model has {expected}"
+            f"parameter {name}: dtype {dtype} given, model has {param_dtype(param)}"
         )
-    param.set_value(np.ascontiguousarray(array))
+    write_param(param, array, dtype)
