@@ -194,16 +194,22 @@ class CoordinatorActor:
         for rank in ranks:
             ray.kill(self.ranks[rank], no_restart=False)
         self._form_replica(replica)
-        if self._committed is not None and not self._cleared:
+        if self._committed is not None and self._committed.restorable and not self._cleared:
             self._load_committed(ranks)
             self._ok[replica] = True
 
     def _load_committed(self, ranks: Sequence[int]) -> None:
         spec = self._committed
+        if spec is None or not spec.restorable:
+            raise StateError(
+                f"version {self.version} was committed without keeping a copy "
+                "(keep_committed=False): nothing to restore until the next update"
+            )
         self._phase("restore", lambda a: a.restart.remote(), ranks)
         self._phase("restore", lambda a: a.load.remote(spec), ranks)
         self._phase("restore", lambda a: a.verify.remote(self.config.fingerprint), ranks)
-        self._phase("restore", lambda a: a.commit.remote(), ranks)
+        keep = self.config.keep_committed
+        self._phase("restore", lambda a: a.commit.remote(keep), ranks)
 
     def heal(self) -> dict:
         """Make every replica serve the committed version again, rebuilding where needed."""
@@ -338,11 +344,14 @@ class CoordinatorActor:
             if wrong:
                 raise RankFailed("verify", wrong)
             # 7. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.
-            timed("commit", lambda a: a.commit.remote())
+            keep = self.config.keep_committed
+            timed("commit", lambda a: a.commit.remote(keep))
         except Exception as e:
             self._abort(e, wrote)
             raise
-        self.version, self._committed = loaded, spec.with_version(loaded)
+        committed = spec.with_version(loaded)
+        self.version = loaded
+        self._committed = committed if self.config.keep_committed else committed.without_data()
         self._ok = [True] * self.config.dp
         self._cleared = False
         report = UpdateReport(
@@ -380,7 +389,7 @@ class CoordinatorActor:
                     self._rebuild_replica(replica)
                 elif not wrote:
                     self._phase("resume", lambda a: a.resume.remote(), ranks)
-                elif self._committed is None or self._cleared:
+                elif self._committed is None or not self._committed.restorable or self._cleared:
                     self._ok[replica] = False
                     self.log.error("replica %d: no committed version to restore", replica)
                 else:
@@ -465,6 +474,7 @@ class CoordinatorActor:
             "replicas_serving": list(self._ok),
             "dp": self.config.dp,
             "tp": self.config.tp,
+            "keep_committed": self.config.keep_committed,
             "ranks": ranks,
         }
 

@@ -50,6 +50,16 @@ class SourceSpec:
     def with_version(self, version: str) -> SourceSpec:
         return SourceSpec(self.kind, version, self.metas, self.refs, self.folder)
 
+    def without_data(self) -> SourceSpec:
+        """The version alone: bucket refs dropped, so the store can free them."""
+        if self.kind == "snapshot":
+            return self
+        return SourceSpec(self.kind, self.version)
+
+    @property
+    def restorable(self) -> bool:
+        return self.kind == "snapshot" or bool(self.refs)
+
 
 def _free_endpoint() -> str:
     ip = ray.util.get_node_ip_address()
@@ -152,9 +162,12 @@ class WeightManagerActor:
         version = self._pending.version if self._pending else None
         return {"rank": self.rank, "version": version, "fingerprint": self._fingerprint}
 
-    def commit(self) -> None:
+    def commit(self, keep: bool = True) -> None:
         self._manager().finalize_update()
-        self.committed, self._pending = self._pending, None
+        pending = self._pending
+        if pending is not None and not keep:
+            pending = pending.without_data()
+        self.committed, self._pending = pending, None
 
     def resume(self) -> None:
         """Serve again after an update that changed nothing (refused before any write)."""

@@ -135,6 +135,12 @@ class FleetConfig(_Frozen):
         description="Each rank digests its weights in the verify phase (CRC-32 of every "
         "byte: ~3 GB/s a core); off, verify only checks every parameter is loaded.",
     )
+    keep_committed: bool = Field(
+        True,
+        description="Keep the committed version's buckets in the object store (one model's "
+        "size) so an aborted update rolls back and a restarted rank reloads it; off, such a "
+        "replica stays down until the next update. Snapshot sources are always kept.",
+    )
     detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
 

@@ -84,7 +84,13 @@ class Fleet:
         except ValueError:
             raise StateError(f"no fleet named {name!r} in namespace {namespace!r}") from None
         status = ray.get(coordinator.status.remote())
-        config = FleetConfig(name=name, namespace=namespace, tp=status["tp"], dp=status["dp"])
+        config = FleetConfig(
+            name=name,
+            namespace=namespace,
+            tp=status["tp"],
+            dp=status["dp"],
+            keep_committed=status["keep_committed"],
+        )
         return cls(coordinator, config)
 
     # --- updates -------------------------------------------------------------------------
@@ -133,7 +139,7 @@ class Fleet:
             raise
         # This driver owns the buckets: holding the committed version's refs keeps them
         # (the rollback and recovery copy) alive even if every rank holding them dies.
-        self._held = [refs]
+        self._held = [refs] if self.config.keep_committed else []
         return report
 
     def update_from_snapshot(

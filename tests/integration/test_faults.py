@@ -16,7 +16,13 @@ from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
-from fd_ray_sync.errors import ChecksumError, PhaseTimeout, RankFailed, WeightMismatchError
+from fd_ray_sync.errors import (
+    ChecksumError,
+    PhaseTimeout,
+    RankFailed,
+    StateError,
+    WeightMismatchError,
+)
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.ray_stats import object_store_bytes_used
 from fd_ray_sync.sharding import take_shard
@@ -184,3 +190,23 @@ def test_object_store_use_returns_to_one_committed_copy_after_each_commit(fleet)
         while (used := object_store_bytes_used()) > bound and time.monotonic() < deadline:
             time.sleep(0.1)
         assert used <= bound, (version, used, model_bytes)
+
+
+def test_without_a_kept_copy_the_store_empties_and_a_lost_replica_stays_down(ray_cluster):
+    fleet = Fleet.launch(FleetConfig(name="no-keep", tp=2, dp=1, keep_committed=False))
+    try:
+        state = init_full_state_dict(TINY, seed=12)
+        fleet.update(state, version=1)
+        deadline = time.monotonic() + 10
+        while object_store_bytes_used() > (1 << 20) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert object_store_bytes_used() <= 1 << 20  # nothing kept for rollback
+        os.kill(fleet.status()["ranks"][1]["pid"], signal.SIGKILL)
+        with pytest.raises(StateError, match="not serving"):
+            fleet.generate(["x"], 4)  # rebuilt, but there is nothing to load
+        status = fleet.status()
+        assert status["replicas_serving"] == [False]
+        fleet.update(state, version=2)  # the next update brings it back
+        assert fleet.generate(["x"], 4)[0].version == "2"
+    finally:
+        fleet.shutdown()
