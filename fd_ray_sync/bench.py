@@ -65,7 +65,8 @@ def wait_store_drained(limit: int, timeout_s: float = 60.0) -> None:
 class Setup:
     """The synthetic model and what each rank must end up holding."""
 
-    def __init__(self, size_gb: float, tp: int, dp: int):
+    def __init__(self, size_gb: float, tp: int, dp: int, keep_committed: bool = True):
+        self.keep_committed = keep_committed
         self.total_bytes = int(size_gb * (1 << 30))
         self.tp, self.dp = tp, dp
         self.shapes = synthetic_shapes(self.total_bytes)
@@ -96,6 +97,7 @@ class Setup:
 
 
 def _fleet(setup: Setup, name: str, checksums: bool):
+    keep = setup.keep_committed
     from fd_ray_sync.fleet import Fleet
 
     config = FleetConfig(
@@ -106,6 +108,7 @@ def _fleet(setup: Setup, name: str, checksums: bool):
         phase_timeout_s=600,
         load=LoadConfig(load_strategy="object_store", verify_checksum=checksums),
         fingerprint=checksums,
+        keep_committed=keep,
     )
     factory = functools.partial(SyntheticEngine, setup.total_bytes)
     return Fleet.launch(config, engine_factory=factory)
@@ -137,7 +140,8 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
                 del full
             # The trainer holds its model before the update starts, as a real one does.
             full = None if how == "snapshot" else dict(setup.weights(seed))
-            wait_store_drained(int(setup.model_bytes * 1.1) + (64 << 20))
+            kept = setup.model_bytes * 1.1 if setup.keep_committed else 0
+            wait_store_drained(int(kept) + (64 << 20))
             ray.get([r.watch_memory.remote() for r in ranks])
             trainer = AnonPeak()
             t = time.perf_counter()
@@ -151,6 +155,9 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
             if run:
                 times.append(dt)
+        if how != "snapshot":  # what stays in the store between updates: the rollback copy
+            time.sleep(2.0)  # frees are asynchronous
+            extra["rollback_copy_bytes"] = object_store_bytes_used()
         # Checked after the timed runs: every rank digests what it holds.
         got = {r["rank"]: r["fingerprint"] for r in ray.get([h.verify.remote() for h in ranks])}
         ok = got == setup.expected_fingerprints(runs + 1)
@@ -349,8 +356,10 @@ METHODS = {
 }
 
 
-def run_bench(size_gb: float, tp: int, dp: int, runs: int, methods: list[str]) -> dict:
-    setup = Setup(size_gb, tp, dp)
+def run_bench(
+    size_gb: float, tp: int, dp: int, runs: int, methods: list[str], keep_committed: bool = True
+) -> dict:
+    setup = Setup(size_gb, tp, dp, keep_committed)
     gbps = memcpy_gbps()
     floor = setup.floor_s(gbps)
     out = {
@@ -408,6 +417,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--no-rollback-copy",
+        action="store_true",
+        help="ours: do not keep the committed version in the object store",
+    )
 
 
 def run_from_args(args) -> int:
@@ -422,7 +436,15 @@ def run_from_args(args) -> int:
         f"model {setup.model_bytes / 2**30:.2f} GiB in {len(setup.shapes)} tensors, "
         f"dp={args.dp} x tp={args.tp}, {args.runs} runs after a warm-up"
     )
-    result = run_bench(args.size_gb, args.tp, args.dp, args.runs, methods)
+    result = run_bench(
+        args.size_gb, args.tp, args.dp, args.runs, methods, not args.no_rollback_copy
+    )
+    for name, r in result["methods"].items():
+        if "rollback_copy_bytes" in r:
+            print(
+                f"{name}: rollback copy kept in the object store: "
+                f"{r['rollback_copy_bytes'] / 2**30:.2f} GiB"
+            )
     ratios = "".join(
         f"; {k.removesuffix('_speedup_vs_naive')} vs naive_ray x{v:.2f}"
         for k, v in result.items()
