@@ -41,8 +41,6 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, LoadReport, UpdateReport
 from fd_ray_sync.version import is_newer, validate_version
 
-# The transaction's phases in order (DESIGN.md "Update transaction"). "begin" is local.
-PHASES = ("begin", "pause", "clear", "restart", "load", "verify", "commit")
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 

@@ -259,6 +259,10 @@ def test_each_step_runs_on_its_own_and_is_timed():
     assert m.recreate_ep_buffer() >= 0 and engine.ep_buffer is not None
 
 
+def test_memory_stats_report_this_process(manager):
+    assert manager.memory_stats()["max_rss_gb"] > 0.05  # paddle alone is larger than that
+
+
 def test_fingerprint_tracks_values(manager):
     fp = manager.fingerprint()
     manager.update_from_state_dict(_shifted(manager), version="1")
