@@ -374,7 +374,10 @@ def run_bench(
         "methods": {},
     }
     for name in methods:
-        result = METHODS[name](setup, runs)
+        try:
+            result = METHODS[name](setup, runs)
+        except Exception as e:  # noqa: BLE001 - one method's failure is a result, not the end
+            result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
         if "times" in result:
             median = statistics.median(result["times"])
             result.update(
