@@ -313,9 +313,14 @@ class CoordinatorActor:
                 timed("clear", lambda a: a.clear.remote())
             # 4. restart: comm groups and EP buffer come back if they were torn down.
             timed("restart", lambda a: a.restart.remote())
-            # 5. load: every rank checks everything, then writes its slice.
+            # 5. load: every rank checks everything, then writes its slice. With a committed
+            # version to roll back to, checksums are taken of the written bytes instead (one
+            # read of the source, not two); a mismatch then aborts and restores.
+            after = self._committed is not None and self._committed.restorable
             try:
-                reports: dict[int, LoadReport] = timed("load", lambda a: a.load.remote(spec))
+                reports: dict[int, LoadReport] = timed(
+                    "load", lambda a: a.load.remote(spec, after and not self._cleared)
+                )
             except Exception as e:
                 # Nothing was written only if every rank refused before writing.
                 refused = e.errors if isinstance(e, RankFailed) else {}

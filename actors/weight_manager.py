@@ -134,10 +134,12 @@ class WeightManagerActor:
         m = self._manager()
         return m.restart_communication_group() + m.recreate_ep_buffer()
 
-    def load(self, spec: SourceSpec) -> LoadReport:
-        """Check, then write this rank's slice of `spec`'s weights."""
+    def load(self, spec: SourceSpec, check_after_write: bool = False) -> LoadReport:
+        """Check, then write this rank's slice of `spec`'s weights (or check after writing,
+        when the coordinator can roll back: see DynamicWeightManager.load_weights)."""
         try:
-            report = self._manager().update_parameters(self._open(spec), spec.version)
+            source = self._open(spec)
+            report = self._manager().update_parameters(source, spec.version, check_after_write)
         except REFUSED_BEFORE_WRITE:
             raise  # nothing was written: the weights and their fingerprint still stand
         except Exception:

@@ -13,7 +13,7 @@ Shapes in a bucket are the full (unsharded) shapes; each rank cuts its own slice
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from fd_ray_sync.checksum import crc32
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
 from fd_ray_sync.tensors import to_host
 
 
@@ -53,11 +54,14 @@ def iter_buckets(
     weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
     bucket_bytes: int,
     checksum: bool = True,
+    slice_plans: Sequence[ShardPlan] | None = None,
 ) -> Iterator[tuple[BucketMeta, list[np.ndarray]]]:
     """Stream `(name, tensor)` pairs (paddle, torch or numpy) into buckets of ~`bucket_bytes`.
 
     Tensors are taken as zero-copy host views where the framework allows; only one bucket's
-    worth of references is held at a time, so a trainer can stream layer by layer.
+    worth of references is held at a time, so a trainer can stream layer by layer. With
+    `slice_plans` (one shard plan per TP rank), checksums are of each rank's slice
+    (`slice_crc32`) rather than of the whole tensor.
     """
     pairs = weights.items() if isinstance(weights, Mapping) else weights
     metas: list[TensorMeta] = []
@@ -74,19 +78,39 @@ def iter_buckets(
         if arrays and used + array.nbytes > bucket_bytes:
             yield BucketMeta(index=index, tensors=tuple(metas)), arrays
             metas, arrays, used, index = [], [], 0, index + 1
+        full_crc = slices = None
+        if checksum and slice_plans:
+            slices = slice_checksums(array, [plan.get(name, REPLICATED) for plan in slice_plans])
+        elif checksum:
+            full_crc = crc32(array)
         metas.append(
             TensorMeta(
                 name=name,
                 shape=array.shape,
                 dtype=dtype,
                 nbytes=array.nbytes,
-                crc32=crc32(array) if checksum else None,
+                crc32=full_crc,
+                slice_crc32=slices,
             )
         )
         arrays.append(array)
         used += array.nbytes
     if arrays:
         yield BucketMeta(index=index, tensors=tuple(metas)), arrays
+
+
+def slice_checksums(array: np.ndarray, specs: Sequence[ShardSpec]) -> tuple[int, ...]:
+    """Checksum of each rank's slice; one entry when every rank holds the whole tensor."""
+    if all(spec.is_replicated for spec in specs):
+        return (crc32(array),)
+    return tuple(crc32(take_shard(array, spec)) for spec in specs)
+
+
+def local_checksum(meta: TensorMeta, spec: ShardSpec) -> int | None:
+    """The checksum of the slice `spec` of `meta`'s tensor, where the metadata has one."""
+    if meta.slice_crc32 is not None:
+        return meta.slice_crc32[0 if len(meta.slice_crc32) == 1 else spec.index]
+    return meta.crc32 if spec.is_replicated else None
 
 
 def bucket_views(

@@ -18,14 +18,14 @@ from typing import Any
 
 import ray
 
-from fd_ray_sync.buckets import iter_buckets
-from fd_ray_sync.checksum import combine_digests, crc32, tensor_digest
+from fd_ray_sync.buckets import iter_buckets, local_checksum
+from fd_ray_sync.checksum import combine_digests, tensor_digest
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import FleetConfig, ParallelConfig
 from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, UpdateReport
-from fd_ray_sync.sharding import REPLICATED, ShardSpec, take_shard
+from fd_ray_sync.sharding import REPLICATED, ShardSpec
 from fd_ray_sync.version import validate_version
 
 log = get_logger(__name__)
@@ -110,24 +110,28 @@ class Fleet:
         here for its slice.
         """
         version = validate_version(version)
-        # Replicas hold the same slices: one digest per TP rank serves every replica.
-        all_plans = self.shard_plans() if verify_fingerprints else {}
-        plans = {r: p for r, p in all_plans.items() if r < self.config.tp}
-        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in plans}
-        metas, refs = [], []
         load = self.config.load
-        for meta, arrays in iter_buckets(weights, load.bucket_bytes, load.verify_checksum):
-            for t, array in zip(meta.tensors, arrays):
-                for rank, plan in plans.items():
-                    spec = plan.get(t.name, REPLICATED)
-                    local = take_shard(array, spec)
-                    digests[rank].append(
-                        (t.name, tensor_digest(t.name, t.dtype, local.shape, crc32(local)))
-                    )
+        # Checksums are of each TP rank's slice: a rank checks only the bytes it takes, and
+        # the same checksums give each rank's expected fingerprint (replicas share them).
+        checked = load.verify_checksum or verify_fingerprints
+        all_plans = self.shard_plans() if checked else {}
+        tp_plans = [all_plans[r] for r in range(self.config.tp)] if checked else None
+        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(self.config.tp)}
+        metas, refs = [], []
+        for meta, arrays in iter_buckets(weights, load.bucket_bytes, checked, tp_plans):
+            if verify_fingerprints:
+                for t in meta.tensors:
+                    for r, plan in enumerate(tp_plans):
+                        spec = plan.get(t.name, REPLICATED)
+                        shape = spec.local_shape(t.shape)
+                        crc = local_checksum(t, spec)
+                        digests[r].append((t.name, tensor_digest(t.name, t.dtype, shape, crc)))
             refs.append(ray.put(arrays))
             metas.append(meta)
-        by_tp = {rank: combine_digests(d) for rank, d in digests.items()}
-        expected = {r: by_tp[r % self.config.tp] for r in all_plans} or None
+        expected = None
+        if verify_fingerprints:
+            by_tp = {r: combine_digests(d) for r, d in digests.items()}
+            expected = {r: by_tp[r % self.config.tp] for r in all_plans}
         try:
             report = _get(
                 self.coordinator.update_buckets.remote(metas, refs, version, expected, force)

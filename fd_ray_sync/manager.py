@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.checksum import combine_digests, crc32, fingerprint, tensor_digest
 from fd_ray_sync.config import LoadConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import (
+    ChecksumError,
     PartialUpdateError,
     StateError,
     VerificationError,
@@ -48,6 +49,8 @@ class DynamicWeightManager:
         self.version: str | None = None
         self._status = ModelWeightsStatus.NORMAL
         self.params: dict[str, Any] = self._capture(engine.models())
+        # Checksums of the parameters' bytes as the last load wrote them (see load_weights).
+        self._crcs: dict[str, int] = {}
 
     # --- state ---------------------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class DynamicWeightManager:
         return seconds
 
     def _clear_storage(self) -> None:
+        self._crcs = {}
         for param in self.params.values():
             param._clear_data()
 
@@ -155,12 +159,14 @@ class DynamicWeightManager:
 
     # --- load ----------------------------------------------------------------------------
 
-    def update_parameters(self, source: WeightSource, version: str | None = None) -> LoadReport:
+    def update_parameters(
+        self, source: WeightSource, version: str | None = None, check_after_write: bool = False
+    ) -> LoadReport:
         """Restart groups and the EP buffer (not on the first load), load `source`, and
         re-allocate the KV cache. `finalize_update()` then verifies and commits."""
         self.restart_communication_group()
         self.recreate_ep_buffer()
-        report = self.load_weights(source, version)
+        report = self.load_weights(source, version, check_after_write)
         self.engine.alloc_kv_cache()
         return report
 
@@ -183,20 +189,31 @@ class DynamicWeightManager:
             raise StateError("LoadConfig.model_dir is not set: no version.yaml to read")
         return read_version_file(self.load.model_dir)
 
-    def load_weights(self, source: WeightSource, version: str | None = None) -> LoadReport:
+    def load_weights(
+        self, source: WeightSource, version: str | None = None, check_after_write: bool = False
+    ) -> LoadReport:
         """Check everything `source` will deliver, then write it into the parameters.
 
         Nothing is written unless every name the model has is present with the right shape
         and dtype, every checksum matches and (when on) every value is finite. Names the model
         lacks are skipped. Without `version`, the source's own (version.yaml) is used.
+
+        `check_after_write` moves the checksum check after the write: each parameter's bytes
+        are checksummed once, where they landed, instead of reading the source twice. Only
+        for callers that can roll back (the fleet keeps the committed version): a mismatch
+        then raises PartialUpdateError, the weights being already half new.
         """
         start = time.perf_counter()
         version = validate_version(version) if version is not None else source.version()
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
+        self._crcs = {}
         try:
-            wanted = self._check_manifest(source.manifest(), source.name)
-            if self.load.verify_checksum:
+            manifest = source.manifest()
+            wanted = self._check_manifest(manifest, source.name)
+            expected = {n: manifest[n].crc32 for n in wanted}
+            check_after_write &= self.load.verify_checksum and None not in expected.values()
+            if self.load.verify_checksum and not check_after_write:
                 source.verify()
             if self.load.check_finite:
                 self._check_finite(source, wanted)
@@ -225,6 +242,13 @@ class DynamicWeightManager:
                     write_param(param, array, dtype)
                     written += 1
                     nbytes += array.nbytes
+                    if check_after_write:
+                        got = crc32(read_param(param))
+                        if got != expected[name]:
+                            raise ChecksumError(
+                                f"{label}: parameter {name!r} does not match its checksum"
+                            )
+                        self._crcs[name] = got
                 self.log.debug("wrote %s", label)
         except Exception as e:
             raise PartialUpdateError(
@@ -317,11 +341,20 @@ class DynamicWeightManager:
         self.first_load = False
 
     def fingerprint(self) -> str:
-        """A digest of this rank's parameters (names, dtypes, shapes and bytes)."""
+        """A digest of this rank's parameters (names, dtypes, shapes and bytes).
+
+        Right after a load checked after writing, the checksums taken of the written bytes
+        are reused instead of reading every parameter again.
+        """
         uninitialized = [n for n, p in self.params.items() if not p._is_initialized()]
         if uninitialized:
             raise StateError(
                 f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
+            )
+        if self._crcs.keys() == self.params.keys():
+            return combine_digests(
+                (n, tensor_digest(n, param_dtype(p), param_shape(p), self._crcs[n]))
+                for n, p in self.params.items()
             )
         return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-from fd_ray_sync.buckets import BucketMeta, bucket_views
+from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
 from fd_ray_sync.checksum import crc32
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
@@ -46,7 +46,14 @@ class ObjectStoreSource(WeightSource):
                 if t.name in out:
                     raise WeightMismatchError(f"parameter {t.name!r} appears in two buckets")
                 spec = self.plan.get(t.name, REPLICATED)
-                out[t.name] = t.model_copy(update={"shape": spec.local_shape(t.shape)})
+                out[t.name] = t.model_copy(
+                    update={
+                        "shape": spec.local_shape(t.shape),
+                        "nbytes": t.nbytes // max(1, spec.parts),
+                        "crc32": local_checksum(t, spec),  # of this rank's bytes
+                        "slice_crc32": None,
+                    }
+                )
         return out
 
     def _fetch(self, i: int) -> list:
@@ -57,9 +64,18 @@ class ObjectStoreSource(WeightSource):
         return ray.get(self.refs[i])
 
     def verify(self) -> None:
+        """Check the bytes this rank will write (its slice) against the trainer's checksums."""
         for i, meta in enumerate(self.metas):
             for t, array in bucket_views(meta, self._fetch(i)):
-                if t.crc32 is not None and crc32(array) != t.crc32:
+                spec = self.plan.get(t.name, REPLICATED)
+                want = local_checksum(t, spec)
+                if want is None and t.crc32 is not None:
+                    got, want = crc32(array), t.crc32  # only the whole tensor's is known
+                elif want is not None:
+                    got = crc32(take_shard(as_storage(array, t.dtype), spec))
+                else:
+                    continue
+                if got != want:
                     raise ChecksumError(
                         f"bucket {meta.index}: parameter {t.name!r} does not match its checksum"
                     )

@@ -18,6 +18,7 @@ from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import (
     ChecksumError,
+    PartialUpdateError,
     PhaseTimeout,
     RankFailed,
     StateError,
@@ -151,20 +152,27 @@ def test_a_restarted_coordinator_rebuilds_its_state_from_the_ranks(fleet):
         fleet.update(state, version=5)
 
 
-def test_a_corrupt_bucket_is_refused_by_checksum_and_changes_nothing(fleet):
+@pytest.mark.parametrize("per_slice", [False, True], ids=["whole-tensor", "per-slice"])
+def test_a_corrupt_bucket_is_caught_by_checksum_and_the_version_stands(fleet, per_slice):
+    """Whole-tensor checksums are checked before writing (nothing changes); per-slice ones,
+    as Fleet.update sends them, after writing, and the committed version is restored."""
     state = init_full_state_dict(TINY, seed=7)
-    fleet.update(state, version=7)
+    fleet.update(state, version=7 + per_slice)
+    plans = fleet.shard_plans()
+    slice_plans = [plans[0], plans[1]] if per_slice else None
     metas, refs = [], []
-    for meta, arrays in iter_buckets(init_full_state_dict(TINY, seed=8), 64 << 10):
+    for meta, arrays in iter_buckets(init_full_state_dict(TINY, 8), 64 << 10, True, slice_plans):
         arrays = [a.copy() for a in arrays]
         if meta.index == 1:
             arrays[0].reshape(-1)[0] += 1.0  # flipped after the checksum was taken
         metas.append(meta)
         refs.append(ray.put(arrays))
     with pytest.raises(Exception, match="bucket 1: parameter .* does not match its checksum") as e:
-        ray.get(fleet.coordinator.update_buckets.remote(metas, refs, "8"))
-    assert isinstance(e.value.cause.errors[0], ChecksumError)
-    assert_serves(fleet, state, 7)
+        ray.get(fleet.coordinator.update_buckets.remote(metas, refs, f"{7 + per_slice}.1"))
+    errors = e.value.cause.errors.values()
+    wanted = PartialUpdateError if per_slice else ChecksumError
+    assert errors and all(isinstance(err, wanted) for err in errors)
+    assert_serves(fleet, state, 7 + per_slice)
 
 
 def test_nan_is_refused_when_the_fleet_checks_values(fleet):
@@ -193,14 +201,15 @@ def test_object_store_use_returns_to_one_committed_copy_after_each_commit(fleet)
 
 
 def test_without_a_kept_copy_the_store_empties_and_a_lost_replica_stays_down(ray_cluster):
+    before = object_store_bytes_used()  # other tests' fleets keep their own copies
     fleet = Fleet.launch(FleetConfig(name="no-keep", tp=2, dp=1, keep_committed=False))
     try:
         state = init_full_state_dict(TINY, seed=12)
         fleet.update(state, version=1)
         deadline = time.monotonic() + 10
-        while object_store_bytes_used() > (1 << 20) and time.monotonic() < deadline:
+        while object_store_bytes_used() > before and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert object_store_bytes_used() <= 1 << 20  # nothing kept for rollback
+        assert object_store_bytes_used() <= before  # nothing kept for rollback
         os.kill(fleet.status()["ranks"][1]["pid"], signal.SIGKILL)
         with pytest.raises(StateError, match="not serving"):
             fleet.generate(["x"], 4)  # rebuilt, but there is nothing to load
