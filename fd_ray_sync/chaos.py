@@ -70,13 +70,14 @@ class _Run:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.model = preset("tiny")
+        self.reference = ReferenceEngine(self.model)  # single process: what each version says
         self.states: dict[str, dict] = {}
         self.texts: dict[str, str] = {}
 
     def prepare(self, version: str) -> dict:
         """The weights of `version` and the text they must produce."""
         state = init_full_state_dict(self.model, seed=1000 + int(version))
-        engine = ReferenceEngine(self.model)
+        engine = self.reference
         engine.load_full_state_dict(state)
         with self.lock:
             self.states[version] = state
