@@ -26,6 +26,7 @@ from fd_ray_sync.errors import (
     WeightMismatchError,
 )
 from fd_ray_sync.log import get_logger
+from fd_ray_sync.memwatch import memory_now
 from fd_ray_sync.messages import LoadReport, TensorMeta
 from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
 from fd_ray_sync.sources.base import WeightSource
@@ -255,7 +256,8 @@ class DynamicWeightManager:
                 f"rank {self.rank}: {source.name} update failed after writing {written} of "
                 f"{len(wanted)} parameters: {type(e).__name__}: {e}"
             ) from e
-        source.close()
+        finally:
+            source.close()  # files and mappings go, whatever happened
         total_s = time.perf_counter() - start
         self.version = version
         report = LoadReport(
@@ -359,12 +361,11 @@ class DynamicWeightManager:
         return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())
 
     def memory_stats(self) -> dict[str, float]:
-        """Host RSS of this process, and the device allocator's figures where there is one."""
-        import resource
-
+        """Host memory of this process, and the device allocator's figures where there is one."""
         import paddle
 
-        stats = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+        host = memory_now()
+        stats = {"max_rss_gb": host["peak_rss"] / 1e9, "rss_anon_gb": host["rss_anon"] / 1e9}
         if paddle.is_compiled_with_cuda():
             cuda = paddle.device.cuda
             stats.update(

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fd_ray_sync.tensors import as_storage, dtype_name
+from fd_ray_sync.tensors import as_storage, dtype_name, to_host
 
 
 def param_dtype(param: Any) -> str:
@@ -34,8 +34,6 @@ def read_param(param: Any) -> np.ndarray:
     view = host_view(param)
     if view is not None:
         return view
-    from fd_ray_sync.tensors import to_host
-
     return to_host(param)[0]
 
 
