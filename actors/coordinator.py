@@ -15,6 +15,7 @@ them and rebuilds its state from what the ranks report.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -28,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.weight_manager import EngineFactory, SourceSpec, WeightManagerActor
 from fd_ray_sync.buckets import BucketMeta
-from fd_ray_sync.config import FleetConfig
+from fd_ray_sync.config import FEED_THREADS, FleetConfig
 from fd_ray_sync.errors import (
     REFUSED_BEFORE_WRITE,
     PhaseTimeout,
@@ -38,7 +39,7 @@ from fd_ray_sync.errors import (
     VersionError,
 )
 from fd_ray_sync.log import get_logger
-from fd_ray_sync.messages import GenerationResult, LoadReport, UpdateReport
+from fd_ray_sync.messages import GenerationResult, LoadReport, TensorMeta, UpdateReport
 from fd_ray_sync.version import is_newer, validate_version
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -48,7 +49,84 @@ def rank_actor_name(fleet: str, rank: int) -> str:
     return f"{fleet}.rank{rank}"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1})
+class _Feed:
+    """One pipelined update's buckets, as the trainer puts them and the ranks take them.
+
+    The trainer adds buckets in order and waits when it is `ahead` buckets past the last
+    one every rank has written (backpressure); ranks wait for the bucket they need next.
+    Closing wakes every waiter with the reason (the update failed or ended).
+    """
+
+    def __init__(self, ranks: int, keep: bool):
+        self.cond = threading.Condition()
+        self.metas: list[BucketMeta] = []
+        self.refs: list = []  # None once no rank needs it (when the committed copy is off)
+        self.count: int | None = None  # set when the trainer has put the last bucket
+        self.expected: dict[int, str] | None = None
+        self.written = [-1] * ranks
+        self.keep = keep
+        self.closed: str | None = None
+
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        if not self.cond.wait_for(lambda: self.closed is not None or ready(), timeout):
+            raise StateError(f"{what} within {timeout:g}s")
+        if self.closed is not None:
+            raise StateError(self.closed)
+
+    def add(self, meta: BucketMeta, ref, ahead: int | None, timeout: float) -> None:
+        with self.cond:
+            if self.closed is not None:
+                raise StateError(self.closed)
+            if self.count is not None or meta.index != len(self.metas):
+                raise StateError(f"bucket {meta.index} fed where {len(self.metas)} was due")
+            self.metas.append(meta)
+            self.refs.append(ref)
+            self.cond.notify_all()
+            if ahead is not None:
+                due = meta.index - ahead
+                self._wait(lambda: min(self.written) >= due, timeout, f"ranks did not write {due}")
+
+    def end(self, count: int, expected: dict[int, str] | None) -> None:
+        with self.cond:
+            if self.closed is not None:
+                raise StateError(self.closed)
+            if count != len(self.metas):
+                raise StateError(f"the trainer ended after {count} buckets, {len(self.metas)} fed")
+            self.count, self.expected = count, expected
+            self.cond.notify_all()
+
+    def close(self, reason: str) -> None:
+        with self.cond:
+            if self.closed is None:
+                self.closed = reason
+                self.refs = [None] * len(self.refs)  # the transaction keeps what it needs
+                self.cond.notify_all()
+
+    def take(self, index: int, timeout: float) -> tuple[BucketMeta, list] | None:
+        with self.cond:
+            arrived = lambda: index < len(self.metas) or self.count == index  # noqa: E731
+            self._wait(arrived, timeout, f"bucket {index} did not arrive (is the trainer alive?)")
+            if index == self.count:
+                return None
+            if self.refs[index] is None:
+                raise StateError(f"bucket {index} was already released")
+            return self.metas[index], [self.refs[index]]
+
+    def written_by(self, rank: int, index: int) -> None:
+        with self.cond:
+            self.written[rank] = max(self.written[rank], index)
+            if not self.keep:  # no committed copy: free what every rank has written
+                for i in range(min(self.written) + 1):
+                    self.refs[i] = None
+            self.cond.notify_all()
+
+    def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
+        with self.cond:
+            self._wait(lambda: self.count is not None, timeout, "the trainer did not finish")
+            return tuple(self.metas), tuple(self.refs)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
 class CoordinatorActor:
     def __init__(self, config: FleetConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -65,6 +143,8 @@ class CoordinatorActor:
         self._ok = [False] * config.dp  # replica -> serving the committed version
         self._cleared = False
         self._next_replica = 0
+        self._feeds: dict[str, _Feed] = {}
+        self._feeds_lock = threading.Lock()
         self._adopt()
 
     # --- launch and recovery -------------------------------------------------------------
@@ -267,26 +347,84 @@ class CoordinatorActor:
 
     # --- updates -------------------------------------------------------------------------
 
-    def update_buckets(
+    # The feed of a pipelined update: the trainer (`Fleet.update`) puts buckets while the
+    # ranks already write the first ones. These methods run in the "feed" threads, beside
+    # the transaction running in the main thread.
+
+    def _feed(self, uid: str) -> _Feed:
+        with self._feeds_lock:
+            feed = self._feeds.get(uid)
+            if feed is None:
+                feed = self._feeds[uid] = _Feed(self.world, self.config.keep_committed)
+                ended = [u for u, f in self._feeds.items() if f.closed is not None]
+                for old in ended[:-8]:  # keep a few, for late calls to find them closed
+                    del self._feeds[old]
+            return feed
+
+    @ray.method(concurrency_group="feed")
+    def feed_bucket(self, uid: str, meta: BucketMeta, refs: list, ahead: int | None) -> None:
+        """Add bucket `meta.index` (its ref inside `refs`); return once every rank has
+        written bucket `index - ahead` (no wait when `ahead` is None)."""
+        self._feed(uid).add(meta, refs[0], ahead, self.config.phase_timeout_s)
+
+    @ray.method(concurrency_group="feed")
+    def feed_end(self, uid: str, count: int, expected: dict[int, str] | None) -> None:
+        self._feed(uid).end(count, expected)
+
+    @ray.method(concurrency_group="feed")
+    def feed_close(self, uid: str, reason: str) -> None:
+        """The trainer gave up (its packing failed): the update aborts."""
+        self._feed(uid).close(f"the trainer stopped: {reason}")
+
+    @ray.method(concurrency_group="feed")
+    def take_bucket(self, uid: str, index: int) -> tuple[BucketMeta, list] | None:
+        return self._feed(uid).take(index, self.config.phase_timeout_s)
+
+    @ray.method(concurrency_group="feed")
+    def bucket_written(self, uid: str, rank: int, index: int) -> None:
+        self._feed(uid).written_by(rank, index)
+
+    def update_stream(
         self,
-        metas: list[BucketMeta],
-        refs: list,
+        uid: str,
+        announced: list[TensorMeta] | None,
         version: str,
-        expected_fingerprints: dict[int, str] | None = None,
         force: bool = False,
     ) -> UpdateReport:
-        """Load a bucketed update (refs arrive inside a list so they stay refs)."""
-        spec = SourceSpec("buckets", version, tuple(metas), tuple(refs))
-        nbytes = sum(m.nbytes for m in metas)
-        return self._transaction(spec, nbytes, expected_fingerprints, force)
+        """Load the update the trainer feeds under `uid`.
+
+        With `announced` (every tensor's name, full shape and dtype), ranks check it before
+        the first write and write buckets as they arrive. Without, the update is gathered
+        first (every bucket put), then checked whole before anything is written.
+        """
+        feed = self._feed(uid)
+        try:
+            if announced is None:
+                metas, refs = feed.wait_all(self.config.phase_timeout_s)
+                spec = SourceSpec("buckets", version, metas, refs)
+            else:
+                spec = SourceSpec(
+                    "stream",
+                    version,
+                    announced=tuple(announced),
+                    feed=ray.get_runtime_context().current_actor,
+                    uid=uid,
+                    keep=self.config.keep_committed,
+                )
+            return self._transaction(spec, feed, force)
+        except Exception as e:
+            feed.close(f"the update failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            feed.close("the update ended")
 
     def update_snapshot(
         self, folder: str, version: str | None, force: bool = False
     ) -> UpdateReport:
-        return self._transaction(SourceSpec("snapshot", version, folder=folder), 0, None, force)
+        return self._transaction(SourceSpec("snapshot", version, folder=folder), None, force)
 
     def _transaction(
-        self, spec: SourceSpec, nbytes: int, expected: dict[int, str] | None, force: bool
+        self, spec: SourceSpec, feed: _Feed | None = None, force: bool = False
     ) -> UpdateReport:
         if not self.ranks:
             raise StateError("the fleet has no ranks: call start() first")
@@ -335,6 +473,9 @@ class CoordinatorActor:
             loaded = versions.pop()
             if spec.version is None:
                 self._check_newer(loaded, force)
+            expected = feed.expected if feed is not None else None
+            if spec.kind == "stream":  # what the ranks received, to restore it later
+                spec = SourceSpec("buckets", loaded, tuple(feed.metas), tuple(feed.refs))
             # 6. verify: every parameter loaded, fingerprints as the trainer computed them.
             fp = self.config.fingerprint or bool(expected)
             checks = timed("verify", lambda a: a.verify.remote(fp))
@@ -359,7 +500,7 @@ class CoordinatorActor:
         self._cleared = False
         report = UpdateReport(
             version=loaded,
-            nbytes=nbytes or sum(r.nbytes for r in reports.values()),
+            nbytes=sum(m.nbytes for m in spec.metas) or sum(r.nbytes for r in reports.values()),
             phase_s=phase_s,
             total_s=time.perf_counter() - start,
             ranks=tuple(reports[r] for r in sorted(reports)),
@@ -478,8 +619,19 @@ class CoordinatorActor:
             "dp": self.config.dp,
             "tp": self.config.tp,
             "keep_committed": self.config.keep_committed,
+            "update": self._update_progress(),
             "ranks": ranks,
         }
+
+    def _update_progress(self) -> dict | None:
+        """The running pipelined update: buckets the trainer has put, and each rank wrote."""
+        with self._feeds_lock:
+            running = [f for f in self._feeds.values() if f.closed is None]
+        if not running:
+            return None
+        feed = running[-1]
+        with feed.cond:
+            return {"buckets_put": len(feed.metas), "written": [w + 1 for w in feed.written]}
 
     @ray.method(concurrency_group="status")
     def rank_handles(self) -> list:

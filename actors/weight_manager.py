@@ -9,6 +9,7 @@ before it serves again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -25,9 +26,9 @@ from fd_ray_sync.errors import REFUSED_BEFORE_WRITE, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.memwatch import AnonPeak, memory_now
-from fd_ray_sync.messages import LoadReport
+from fd_ray_sync.messages import LoadReport, TensorMeta
 from fd_ray_sync.sources.base import WeightSource
-from fd_ray_sync.sources.object_store import ObjectStoreSource
+from fd_ray_sync.sources.object_store import BucketStreamSource, ObjectStoreSource
 from fd_ray_sync.sources.snapshot import SnapshotSource
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 
@@ -36,25 +37,31 @@ EngineFactory = Callable[[ParallelConfig, CommGroups], InferenceEngine]
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where a version's weights are: bucket refs in the object store, or a snapshot folder.
+    """Where a version's weights are: bucket refs in the object store, a snapshot folder, or
+    (while a pipelined update runs) the coordinator's feed of buckets still being put.
 
     Small enough to send to every rank; the refs keep the buckets alive while anyone holds it.
     """
 
-    kind: str  # "buckets" or "snapshot"
+    kind: str  # "buckets", "snapshot" or "stream"
     version: str | None
     metas: tuple[BucketMeta, ...] = ()
     refs: tuple = field(default=(), repr=False)
     folder: str | None = None
+    # "stream" only: the tensors the trainer announced, and where to take the buckets from.
+    announced: tuple[TensorMeta, ...] = field(default=(), repr=False)
+    feed: object = field(default=None, repr=False)  # the CoordinatorActor
+    uid: str | None = None
+    keep: bool = True  # collect the refs, to name the committed data afterwards
 
     def with_version(self, version: str) -> SourceSpec:
-        return SourceSpec(self.kind, version, self.metas, self.refs, self.folder)
+        return dataclasses.replace(self, version=version)
 
     def without_data(self) -> SourceSpec:
         """The version alone: bucket refs dropped, so the store can free them."""
         if self.kind == "snapshot":
             return self
-        return SourceSpec(self.kind, self.version)
+        return SourceSpec("buckets", self.version)
 
     @property
     def restorable(self) -> bool:
@@ -146,6 +153,8 @@ class WeightManagerActor:
             self._fingerprint = None
             raise
         self._fingerprint = None
+        if isinstance(source, BucketStreamSource):  # the data is now known bucket by bucket
+            spec = SourceSpec("buckets", spec.version, tuple(source.metas), tuple(source.refs))
         self._pending = spec.with_version(report.version)
         return report
 
@@ -155,7 +164,19 @@ class WeightManagerActor:
             return ObjectStoreSource(spec.metas, spec.refs, plan, spec.version)
         if spec.kind == "snapshot":
             return SnapshotSource.from_config(self.load, self.parallel, spec.folder)
-        raise StateError(f"unknown source kind {spec.kind!r}; known: 'buckets', 'snapshot'")
+        if spec.kind == "stream":
+            feed, uid, rank = spec.feed, spec.uid, self.rank
+            return BucketStreamSource(
+                spec.announced,
+                request=lambda i: feed.take_bucket.remote(uid, i),
+                ack=lambda i: feed.bucket_written.remote(uid, rank, i),
+                plan=self._engine().shard_plan(),
+                version=spec.version,
+                keep=spec.keep,
+            )
+        raise StateError(
+            f"unknown source kind {spec.kind!r}; known: 'buckets', 'snapshot', 'stream'"
+        )
 
     def verify(self, fingerprint: bool = True) -> dict:
         m = self._manager()

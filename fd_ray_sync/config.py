@@ -113,6 +113,11 @@ class ParallelConfig(_Frozen):
         return ParallelConfig(**{**self.model_dump(), "rank": rank})
 
 
+FEED_THREADS = 64
+"""Coordinator threads serving the feed of a pipelined update: each rank waits in one for
+its next bucket, so bigger fleets (more than FEED_THREADS - 4 ranks) gather updates instead."""
+
+
 class FleetConfig(_Frozen):
     """A Ray fleet of `dp` replicas x `tp` ranks and how its coordinator runs updates."""
 
@@ -140,6 +145,13 @@ class FleetConfig(_Frozen):
         description="Keep the committed version's buckets in the object store (one model's "
         "size) so an aborted update rolls back and a restarted rank reloads it; off, such a "
         "replica stays down until the next update. Snapshot sources are always kept.",
+    )
+    buckets_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Pipelined updates: buckets the trainer may put beyond the last one "
+        "every rank has written (backpressure; bounds the update's object-store use when "
+        "keep_committed is off).",
     )
     detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")

@@ -11,21 +11,24 @@ the all-or-nothing transaction on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ray
 
-from fd_ray_sync.buckets import iter_buckets, local_checksum
+from fd_ray_sync.buckets import BucketMeta, iter_buckets, local_checksum
 from fd_ray_sync.checksum import combine_digests, tensor_digest
 from fd_ray_sync.comm import CommGroups
-from fd_ray_sync.config import FleetConfig, ParallelConfig
+from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
 from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
-from fd_ray_sync.messages import GenerationResult, UpdateReport
+from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.sharding import REPLICATED, ShardSpec
+from fd_ray_sync.tensors import shape_and_dtype
 from fd_ray_sync.version import validate_version
 
 log = get_logger(__name__)
@@ -104,38 +107,86 @@ class Fleet:
     ) -> UpdateReport:
         """Push full (unsharded) weights to every rank; returns when committed or raises.
 
-        `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy);
-        only one bucket of references is held while packing, so a trainer can stream.
-        With `verify_fingerprints`, each rank's weights must match the fingerprint computed
-        here for its slice.
+        `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy).
+        A mapping is pipelined: its names, shapes and dtypes are announced first (ranks
+        check them before writing anything), then ranks write each bucket while the next
+        ones are packed and put, at most `FleetConfig.buckets_in_flight` ahead. An iterator
+        is packed and put in full first (only one bucket of references is held while
+        packing), then checked whole by the ranks before they write. With
+        `verify_fingerprints`, each rank's weights must match the fingerprint computed here
+        for its slice.
         """
-        version = validate_version(version)
         load = self.config.load
         # Checksums are of each TP rank's slice: a rank checks only the bytes it takes, and
         # the same checksums give each rank's expected fingerprint (replicas share them).
         checked = load.verify_checksum or verify_fingerprints
-        all_plans = self.shard_plans() if checked else {}
-        tp_plans = [all_plans[r] for r in range(self.config.tp)] if checked else None
-        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(self.config.tp)}
-        metas, refs = [], []
-        for meta, arrays in iter_buckets(weights, load.bucket_bytes, checked, tp_plans):
-            if verify_fingerprints:
-                for t in meta.tensors:
-                    for r, plan in enumerate(tp_plans):
-                        spec = plan.get(t.name, REPLICATED)
-                        shape = spec.local_shape(t.shape)
-                        crc = local_checksum(t, spec)
-                        digests[r].append((t.name, tensor_digest(t.name, t.dtype, shape, crc)))
-            refs.append(ray.put(arrays))
-            metas.append(meta)
-        expected = None
-        if verify_fingerprints:
-            by_tp = {r: combine_digests(d) for r, d in digests.items()}
-            expected = {r: by_tp[r % self.config.tp] for r in all_plans}
+        plans = self.shard_plans() if checked else {}
+        tp_plans = [plans[r] for r in range(self.config.tp)] if checked else None
+        announced = None
+        # Each rank of a pipelined update waits for its next bucket in a coordinator thread.
+        if isinstance(weights, Mapping) and self.config.tp * self.config.dp <= FEED_THREADS - 4:
+            announced = []
+            for name, tensor in weights.items():
+                shape, dtype = shape_and_dtype(tensor)
+                announced.append(TensorMeta(name=name, shape=shape, dtype=dtype))
+        buckets = iter_buckets(weights, load.bucket_bytes, checked, tp_plans)
+        return self.push_buckets(buckets, version, announced, force, verify_fingerprints)
+
+    def push_buckets(
+        self,
+        buckets: Iterable[tuple[BucketMeta, list]],
+        version: str | int,
+        announced: Sequence[TensorMeta] | None = None,
+        force: bool = False,
+        verify_fingerprints: bool = True,
+    ) -> UpdateReport:
+        """`update` from ready-made buckets (`fd_ray_sync.buckets.iter_buckets` output):
+        each is `ray.put` and fed to the fleet in order; `announced` pipelines them."""
+        version = validate_version(version)
+        plans = self.shard_plans() if verify_fingerprints else {}
+        tp = self.config.tp
+        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(tp)}
+        uid = uuid.uuid4().hex
+        ahead = self.config.buckets_in_flight if announced is not None else None
+        update = self.coordinator.update_stream.remote(
+            uid, list(announced) if announced is not None else None, version, force
+        )
+        refs, count = [], 0
         try:
-            report = _get(
-                self.coordinator.update_buckets.remote(metas, refs, version, expected, force)
-            )
+            for meta, arrays in buckets:
+                if verify_fingerprints:
+                    for t in meta.tensors:
+                        for r in range(tp):
+                            spec = plans[r].get(t.name, REPLICATED)
+                            crc = local_checksum(t, spec)
+                            digest = tensor_digest(t.name, t.dtype, spec.local_shape(t.shape), crc)
+                            digests[r].append((t.name, digest))
+                ref = ray.put(arrays)
+                del arrays
+                if self.config.keep_committed:
+                    refs.append(ref)
+                # Returns when the ranks are at most `ahead` buckets behind (backpressure).
+                _get(self.coordinator.feed_bucket.remote(uid, meta, [ref], ahead))
+                del ref
+                count += 1
+            expected = None
+            if verify_fingerprints:
+                by_tp = {r: combine_digests(d) for r, d in digests.items()}
+                expected = {r: by_tp[r % tp] for r in plans}
+            _get(self.coordinator.feed_end.remote(uid, count, expected))
+        except StateError:
+            _get(update)  # the feed was closed because the update failed: raise why
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            self._held = [*self._held[-1:], refs]
+            raise
+        except BaseException as e:  # packing failed here: abort the update on every rank
+            with contextlib.suppress(Exception):
+                ray.get(self.coordinator.feed_close.remote(uid, f"{type(e).__name__}: {e}"))
+                ray.get(update)
+            raise
+        try:
+            report = _get(update)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             # The coordinator died mid-update: this version may have been committed. Keep
             # its buckets alive with the last committed ones until an update is confirmed.

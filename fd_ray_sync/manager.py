@@ -19,6 +19,7 @@ from fd_ray_sync.checksum import combine_digests, crc32, fingerprint, tensor_dig
 from fd_ray_sync.config import LoadConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import (
+    REFUSED_BEFORE_WRITE,
     ChecksumError,
     PartialUpdateError,
     StateError,
@@ -29,7 +30,7 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.memwatch import memory_now
 from fd_ray_sync.messages import LoadReport, TensorMeta
 from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
-from fd_ray_sync.sources.base import WeightSource
+from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.sources.memory import StateDictSource
 from fd_ray_sync.status import WEIGHT_TRANSITIONS, KVCacheStatus, ModelWeightsStatus
 from fd_ray_sync.tensors import FLOAT_DTYPES, element_strides
@@ -209,15 +210,19 @@ class DynamicWeightManager:
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
         self._crcs = {}
+        streaming = source.streaming
         try:
             manifest = source.manifest()
             wanted = self._check_manifest(manifest, source.name)
             expected = {n: manifest[n].crc32 for n in wanted}
-            check_after_write &= self.load.verify_checksum and None not in expected.values()
-            if self.load.verify_checksum and not check_after_write:
+            check_after_write &= self.load.verify_checksum and (
+                streaming or None not in expected.values()
+            )
+            # A streaming source's data is not there yet: its chunks are checked one by one.
+            if self.load.verify_checksum and not check_after_write and not streaming:
                 source.verify()
-            if self.load.check_finite:
-                self._check_finite(source, wanted)
+            if self.load.check_finite and not streaming:
+                self._check_finite(source.chunks(), wanted)
         except Exception:
             self._status = previous  # nothing was written: the old weights still stand
             raise
@@ -226,6 +231,11 @@ class DynamicWeightManager:
         written = nbytes = 0
         try:
             for label, chunk in source.chunks():
+                if streaming:
+                    if self.load.verify_checksum and not check_after_write:
+                        self._check_checksums(label, chunk, source)
+                    if self.load.check_finite:
+                        self._check_finite([(label, chunk)], wanted)
                 for name, (array, dtype) in chunk.items():
                     if name not in wanted:
                         continue
@@ -245,13 +255,17 @@ class DynamicWeightManager:
                     nbytes += array.nbytes
                     if check_after_write:
                         got = crc32(read_param(param))
-                        if got != expected[name]:
+                        want = expected[name] if not streaming else source.checksum(name)
+                        if want is not None and got != want:
                             raise ChecksumError(
                                 f"{label}: parameter {name!r} does not match its checksum"
                             )
                         self._crcs[name] = got
                 self.log.debug("wrote %s", label)
         except Exception as e:
+            if not written and isinstance(e, REFUSED_BEFORE_WRITE):
+                self._status = previous  # a streamed chunk refused before the first write
+                raise
             raise PartialUpdateError(
                 f"rank {self.rank}: {source.name} update failed after writing {written} of "
                 f"{len(wanted)} parameters: {type(e).__name__}: {e}"
@@ -311,12 +325,19 @@ class DynamicWeightManager:
             )
         return wanted
 
-    def _check_finite(self, source: WeightSource, wanted: set[str]) -> None:
-        for label, chunk in source.chunks():
+    def _check_finite(self, chunks: Iterable[tuple[str, Chunk]], wanted: set[str]) -> None:
+        for label, chunk in chunks:
             for name, (array, dtype) in chunk.items():
                 if name in wanted and dtype in FLOAT_DTYPES and dtype != "bfloat16":
                     if not np.isfinite(array).all():
                         raise WeightMismatchError(f"{name} (from {label}) holds NaN or Inf")
+
+    @staticmethod
+    def _check_checksums(label: str, chunk: Chunk, source: WeightSource) -> None:
+        for name, (array, _) in chunk.items():
+            want = source.checksum(name)
+            if want is not None and crc32(array) != want:
+                raise ChecksumError(f"{label}: parameter {name!r} does not match its checksum")
 
     # --- verify / finalize ---------------------------------------------------------------
 

@@ -71,6 +71,15 @@ def to_host(tensor: Any) -> tuple[np.ndarray, str]:
     )
 
 
+def shape_and_dtype(tensor: Any) -> tuple[tuple[int, ...], str]:
+    """`tensor`'s shape and dtype string, without reading or copying its data."""
+    if type(tensor).__module__.split(".")[0] not in ("numpy", "paddle", "torch"):
+        raise WeightMismatchError(
+            f"cannot read a {type(tensor).__name__}: expected a numpy, paddle or torch tensor"
+        )
+    return tuple(int(d) for d in tensor.shape), dtype_name(tensor.dtype)
+
+
 def _paddle_to_host(t: Any) -> tuple[np.ndarray, str]:
     import paddle
 

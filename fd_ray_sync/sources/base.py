@@ -20,9 +20,14 @@ class WeightSource(ABC):
     The manager asks for the `manifest()` first and checks every name, shape and dtype
     against the model before anything is written; then `verify()` (checksums, when on);
     then it writes `chunks()` one at a time, so extra memory stays about one chunk.
+
+    A `streaming` source's data arrives while it is written (a pipelined transfer): only the
+    manifest can be checked before the first write; the manager checks each chunk against
+    `checksum(name)` (known once the chunk is delivered) before or after writing it.
     """
 
     name: str = ""
+    streaming: bool = False
 
     @abstractmethod
     def manifest(self) -> dict[str, TensorMeta]:
@@ -34,6 +39,10 @@ class WeightSource(ABC):
 
     def verify(self) -> None:
         """Check the data against its checksums; raise ChecksumError naming the bad piece."""
+
+    def checksum(self, name: str) -> int | None:
+        """Checksum of `name`'s local bytes once its chunk was delivered (streaming sources)."""
+        return None
 
     def version(self) -> str | None:
         """The version the source itself records (e.g. version.yaml), if any."""

@@ -1,15 +1,23 @@
 """Weights from buckets in Ray's object store (the default source of `Fleet.update`).
 
-The trainer `ray.put`s each bucket (see `fd_ray_sync.buckets`); a rank receives the bucket
-metadata inline and the object refs, checks names/shapes/dtypes against its model from the
-metadata alone, verifies checksums, then maps the buckets one at a time and copies only its
-own TP slice / EP experts straight into the parameters. While bucket i is written, bucket i+1
-is already being fetched to the rank's node.
+The trainer `ray.put`s each bucket (see `fd_ray_sync.buckets`); a rank maps the buckets one
+at a time and copies only its own TP slice / EP experts straight into the parameters. While
+bucket i is written, bucket i+1 is already being fetched to the rank's node.
+
+Two forms:
+- `ObjectStoreSource`: every bucket exists already (a committed version being restored, or
+  an update whose names were not known in advance). Names/shapes/dtypes and checksums are
+  all checked before the first write.
+- `BucketStreamSource`: the pipelined update. The trainer announced the names, shapes and
+  dtypes up front (checked before the first write) and is still putting buckets while the
+  rank writes the first ones; each bucket is checked against the announcement and its
+  checksums as it arrives, and the rank acknowledges each one it wrote (the trainer's
+  backpressure).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
 from fd_ray_sync.checksum import crc32
@@ -92,3 +100,96 @@ class ObjectStoreSource(WeightSource):
                 full = as_storage(array, t.dtype)
                 chunk[t.name] = (take_shard(full, self.plan.get(t.name, REPLICATED)), t.dtype)
             yield f"bucket {meta.index}", chunk
+
+
+class BucketStreamSource(WeightSource):
+    """A rank's view of a pipelined update: buckets arrive while it writes.
+
+    `request(i)` returns an ObjectRef of `(BucketMeta, [ref])` for bucket i, or of None after
+    the last one; `ack(i)` reports bucket i written. `announced` lists every tensor (full
+    shapes) the trainer will send. With `keep`, the buckets' refs are collected so the rank
+    can name the committed version's data afterwards (`received()`).
+    """
+
+    name = "object_store"
+    streaming = True
+
+    def __init__(
+        self,
+        announced: Sequence[TensorMeta],
+        request: Callable[[int], object],
+        ack: Callable[[int], None],
+        plan: Mapping[str, ShardSpec],
+        version: str | None = None,
+        keep: bool = True,
+    ):
+        self.announced = {t.name: t for t in announced}
+        if len(self.announced) != len(announced):
+            raise WeightMismatchError("a parameter is announced twice in the update")
+        self._request, self._ack, self.plan = request, ack, plan
+        self._version, self._keep = version, keep
+        self._checksums: dict[str, int | None] = {}
+        self.metas: list[BucketMeta] = []
+        self.refs: list = []
+
+    def version(self) -> str | None:
+        return self._version
+
+    def manifest(self) -> dict[str, TensorMeta]:
+        out = {}
+        for name, t in self.announced.items():
+            spec = self.plan.get(name, REPLICATED)
+            out[name] = t.model_copy(
+                update={"shape": spec.local_shape(t.shape), "crc32": None, "slice_crc32": None}
+            )
+        return out
+
+    def checksum(self, name: str) -> int | None:
+        return self._checksums.get(name)
+
+    def chunks(self) -> Iterator[tuple[str, Chunk]]:
+        import ray
+
+        seen: set[str] = set()
+        pending = self._request(0)
+        i = 0
+        while True:
+            item = ray.get(pending)
+            if item is None:
+                break
+            meta, (ref,) = item
+            if meta.index != i:
+                raise WeightMismatchError(f"bucket {meta.index} arrived where {i} was due")
+            pending = self._request(i + 1)  # ask for the next bucket before writing this one
+            arrays = ray.get(ref)
+            if ray.wait([pending], timeout=0)[0] and (nxt := ray.get(pending)) is not None:
+                ray.wait(nxt[1], fetch_local=True, timeout=0)  # start pulling it here
+            chunk: Chunk = {}
+            for t, array in bucket_views(meta, arrays):
+                want = self.announced.get(t.name)
+                if want is None or t.name in seen:
+                    what = "was not announced" if want is None else "arrived twice"
+                    raise WeightMismatchError(f"bucket {i}: parameter {t.name!r} {what}")
+                if (tuple(t.shape), t.dtype) != (tuple(want.shape), want.dtype):
+                    raise WeightMismatchError(
+                        f"bucket {i}: {t.name} is {t.dtype}{list(t.shape)}, announced as "
+                        f"{want.dtype}{list(want.shape)}"
+                    )
+                seen.add(t.name)
+                spec = self.plan.get(t.name, REPLICATED)
+                self._checksums[t.name] = local_checksum(t, spec)
+                chunk[t.name] = (take_shard(as_storage(array, t.dtype), spec), t.dtype)
+            if self._keep:
+                self.metas.append(meta)
+                self.refs.append(ref)
+            del arrays, ref
+            yield f"bucket {i}", chunk
+            del chunk
+            self._ack(i)
+            i += 1
+        missing = sorted(set(self.announced) - seen)
+        if missing:
+            raise WeightMismatchError(
+                f"the update ended after {i} buckets without {len(missing)} announced "
+                f"parameter(s): {', '.join(missing[:5])}"
+            )

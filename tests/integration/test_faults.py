@@ -25,6 +25,7 @@ from fd_ray_sync.errors import (
     WeightMismatchError,
 )
 from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.ray_stats import object_store_bytes_used
 from fd_ray_sync.sharding import take_shard
 
@@ -152,27 +153,38 @@ def test_a_restarted_coordinator_rebuilds_its_state_from_the_ranks(fleet):
         fleet.update(state, version=5)
 
 
-@pytest.mark.parametrize("per_slice", [False, True], ids=["whole-tensor", "per-slice"])
-def test_a_corrupt_bucket_is_caught_by_checksum_and_the_version_stands(fleet, per_slice):
-    """Whole-tensor checksums are checked before writing (nothing changes); per-slice ones,
-    as Fleet.update sends them, after writing, and the committed version is restored."""
+@pytest.mark.parametrize(
+    "per_slice,pipelined",
+    [(False, False), (True, False), (True, True)],
+    ids=["whole-tensor", "per-slice", "per-slice-pipelined"],
+)
+def test_a_corrupt_bucket_is_caught_by_checksum_and_the_version_stands(fleet, per_slice, pipelined):
+    """Whole-tensor checksums of a gathered update are checked before writing (nothing
+    changes); per-slice ones, as Fleet.update sends them, after writing, and the committed
+    version is restored. A pipelined update checks each bucket as it arrives."""
     state = init_full_state_dict(TINY, seed=7)
-    fleet.update(state, version=7 + per_slice)
+    version = ["7", "8", "8.5"][per_slice + pipelined]
+    fleet.update(state, version=version)
     plans = fleet.shard_plans()
     slice_plans = [plans[0], plans[1]] if per_slice else None
-    metas, refs = [], []
-    for meta, arrays in iter_buckets(init_full_state_dict(TINY, 8), 64 << 10, True, slice_plans):
-        arrays = [a.copy() for a in arrays]
-        if meta.index == 1:
-            arrays[0].reshape(-1)[0] += 1.0  # flipped after the checksum was taken
-        metas.append(meta)
-        refs.append(ray.put(arrays))
-    with pytest.raises(Exception, match="bucket 1: parameter .* does not match its checksum") as e:
-        ray.get(fleet.coordinator.update_buckets.remote(metas, refs, f"{7 + per_slice}.1"))
-    errors = e.value.cause.errors.values()
+    new = init_full_state_dict(TINY, 8)
+    announced = None
+    if pipelined:
+        announced = [TensorMeta(name=n, shape=a.shape, dtype=str(a.dtype)) for n, a in new.items()]
+
+    def corrupted():
+        for meta, arrays in iter_buckets(new, 64 << 10, True, slice_plans):
+            arrays = [a.copy() for a in arrays]
+            if meta.index == 1:
+                arrays[0].reshape(-1)[0] += 1.0  # flipped after the checksum was taken
+            yield meta, arrays
+
+    with pytest.raises(RankFailed, match="bucket 1: parameter .* does not match its checksum") as e:
+        fleet.push_buckets(corrupted(), f"{version}.1", announced, verify_fingerprints=False)
+    errors = e.value.errors.values()
     wanted = PartialUpdateError if per_slice else ChecksumError
     assert errors and all(isinstance(err, wanted) for err in errors)
-    assert_serves(fleet, state, 7 + per_slice)
+    assert_serves(fleet, state, version)
 
 
 def test_nan_is_refused_when_the_fleet_checks_values(fleet):
@@ -183,7 +195,12 @@ def test_nan_is_refused_when_the_fleet_checks_values(fleet):
     bad["layers.1.mlp.w1"][0, 0, 0] = np.inf
     with pytest.raises(RankFailed, match="layers.1.mlp.w1 .*NaN or Inf") as err:
         fleet.update(bad, version=10)
-    assert all(isinstance(e, WeightMismatchError) for e in err.value.errors.values())
+    # A pipelined update checks each bucket before writing it: a rank whose bad bucket came
+    # first refuses outright, one that wrote earlier buckets reports a partial update.
+    for e in err.value.errors.values():
+        assert isinstance(e, WeightMismatchError) or (
+            isinstance(e, PartialUpdateError) and "WeightMismatchError" in str(e)
+        )
     assert_serves(fleet, state, 9)
 
 

@@ -1,0 +1,151 @@
+"""Pipelined updates: ranks write buckets while the trainer still puts the next ones, the
+trainer stays at most `buckets_in_flight` ahead, and a stream that breaks mid-way changes
+nothing a reader can see."""
+
+import threading
+
+import pytest
+from test_fleet import expected_fingerprints
+
+from actors.coordinator import _Feed
+from fd_ray_sync.buckets import BucketMeta, iter_buckets
+from fd_ray_sync.config import FleetConfig, LoadConfig
+from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.errors import RankFailed, StateError
+from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.messages import TensorMeta
+
+pytestmark = pytest.mark.slow
+
+TINY = preset("tiny")
+AHEAD = 1
+BUCKET = 48 << 10  # the tiny model (629 KB) in ~16 buckets
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster):
+    config = FleetConfig(
+        name="pipeline-fleet",
+        tp=2,
+        dp=1,
+        buckets_in_flight=AHEAD,
+        load=LoadConfig(load_strategy="object_store", bucket_bytes=BUCKET),
+    )
+    fleet = Fleet.launch(config)
+    yield fleet
+    fleet.shutdown()
+
+
+def announce(state):
+    return [TensorMeta(name=n, shape=a.shape, dtype=str(a.dtype)) for n, a in state.items()]
+
+
+def buckets_of(fleet, state):
+    plans = fleet.shard_plans()
+    return iter_buckets(state, BUCKET, True, [plans[0], plans[1]])
+
+
+def assert_holds(fleet, state, version):
+    status = fleet.status()
+    assert status["version"] == str(version) and status["update"] is None
+    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
+    assert got == expected_fingerprints(fleet, state)
+    assert fleet.generate(["x"], 4)[0].version == str(version)
+
+
+def test_ranks_write_while_the_trainer_puts_and_the_trainer_waits_for_them(fleet):
+    state = init_full_state_dict(TINY, seed=1)
+    seen = []
+
+    def watched():
+        for meta, arrays in buckets_of(fleet, state):
+            if meta.index:  # the update (and its feed) exists once bucket 0 was fed
+                seen.append((meta.index, fleet.status()["update"]))
+            yield meta, arrays
+
+    report = fleet.push_buckets(watched(), 1, announce(state))
+    assert report.version == "1" and len(seen) >= 10
+    for index, progress in seen:
+        assert progress["buckets_put"] == index
+        # Backpressure: bucket i-1 was fed only once every rank had written i-1-AHEAD.
+        assert min(progress["written"]) >= index - AHEAD, (index, progress)
+    # Pipelining: ranks had written buckets before the trainer packed the last one.
+    assert min(seen[-1][1]["written"]) >= 1
+    assert_holds(fleet, state, 1)
+
+
+def test_a_trainer_failing_mid_stream_leaves_the_committed_version(fleet):
+    state = init_full_state_dict(TINY, seed=2)
+    fleet.update(state, version=2)
+
+    def crashing():
+        for meta, arrays in buckets_of(fleet, init_full_state_dict(TINY, seed=3)):
+            if meta.index == 5:
+                raise RuntimeError("trainer crashed while packing")
+            yield meta, arrays
+
+    with pytest.raises(RuntimeError, match="trainer crashed"):
+        fleet.push_buckets(crashing(), 3, announce(state))
+    assert_holds(fleet, state, 2)
+
+
+def test_a_stream_missing_an_announced_tensor_is_rolled_back(fleet):
+    state = init_full_state_dict(TINY, seed=4)
+    fleet.update(state, version=4)
+    new = init_full_state_dict(TINY, seed=5)
+    last = list(new)[-1]
+    short = {n: a for n, a in new.items() if n != last}
+    with pytest.raises(RankFailed, match=f"without 1 announced parameter.*{last}"):
+        fleet.push_buckets(buckets_of(fleet, short), 5, announce(new))
+    assert_holds(fleet, state, 4)
+
+
+def test_the_feed_holds_the_trainer_back_until_every_rank_wrote():
+    """The coordinator's feed on its own (plain threads): `add` returns only when the ranks
+    are at most `ahead` buckets behind; ranks wait for buckets; closing wakes everyone."""
+    feed = _Feed(ranks=2, keep=False)
+    meta = [BucketMeta(index=i, tensors=()) for i in range(3)]
+    feed.add(meta[0], "ref0", ahead=1, timeout=5)  # 0 - 1 < 0: no wait
+    returned = threading.Event()
+    t = threading.Thread(target=lambda: (feed.add(meta[1], "ref1", 0, 5), returned.set()))
+    t.start()
+    assert not returned.wait(0.3)  # waits for both ranks to write bucket 1 itself
+    assert feed.take(1, timeout=5) == (meta[1], ["ref1"])
+    feed.written_by(0, 1)
+    assert not returned.wait(0.3)
+    feed.written_by(1, 1)
+    assert returned.wait(5)
+    t.join()
+    assert feed.refs[:2] == [None, None]  # keep=False: written buckets are released
+    errors = []
+
+    def take_next():
+        try:
+            feed.take(2, timeout=5)
+        except StateError as e:
+            errors.append(str(e))
+
+    waiter = threading.Thread(target=take_next)
+    waiter.start()
+    feed.close("the update failed")
+    waiter.join(5)
+    assert errors == ["the update failed"]
+    with pytest.raises(StateError, match="the update failed"):
+        feed.add(meta[2], "ref2", None, 5)
+
+
+def test_an_iterator_is_gathered_then_checked_whole(fleet):
+    """Names not known up front: no bucket is written before the last one is put."""
+    state = init_full_state_dict(TINY, seed=6)
+    seen = []
+
+    def watched():
+        for meta, arrays in buckets_of(fleet, state):
+            if meta.index:
+                seen.append(fleet.status()["update"])
+            yield meta, arrays
+
+    fleet.push_buckets(watched(), 6)
+    assert seen and all(max(p["written"]) == 0 for p in seen)
+    assert_holds(fleet, state, 6)
