@@ -73,7 +73,7 @@ class _Feed:
         if self.closed is not None:
             raise StateError(self.closed)
 
-    def add(self, meta: BucketMeta, ref, ahead: int | None, timeout: float) -> None:
+    def add(self, meta: BucketMeta, ref) -> None:
         with self.cond:
             if self.closed is not None:
                 raise StateError(self.closed)
@@ -82,9 +82,10 @@ class _Feed:
             self.metas.append(meta)
             self.refs.append(ref)
             self.cond.notify_all()
-            if ahead is not None:
-                due = meta.index - ahead
-                self._wait(lambda: min(self.written) >= due, timeout, f"ranks did not write {due}")
+
+    def wait_written(self, index: int, timeout: float) -> None:
+        with self.cond:
+            self._wait(lambda: min(self.written) >= index, timeout, f"ranks did not write {index}")
 
     def end(self, count: int, expected: dict[int, str] | None) -> None:
         with self.cond:
@@ -102,8 +103,15 @@ class _Feed:
                 self.refs = [None] * len(self.refs)  # the transaction keeps what it needs
                 self.cond.notify_all()
 
-    def take(self, index: int, timeout: float) -> tuple[BucketMeta, list] | None:
+    def take(self, rank: int, index: int, done: int, timeout: float):
+        """Bucket `index` for `rank`, which has written every bucket up to `done`; None
+        after the last bucket."""
         with self.cond:
+            self.written[rank] = max(self.written[rank], done)
+            if not self.keep:  # no committed copy: free what every rank has written
+                for i in range(min(self.written) + 1):
+                    self.refs[i] = None
+            self.cond.notify_all()
             arrived = lambda: index < len(self.metas) or self.count == index  # noqa: E731
             self._wait(arrived, timeout, f"bucket {index} did not arrive (is the trainer alive?)")
             if index == self.count:
@@ -111,14 +119,6 @@ class _Feed:
             if self.refs[index] is None:
                 raise StateError(f"bucket {index} was already released")
             return self.metas[index], [self.refs[index]]
-
-    def written_by(self, rank: int, index: int) -> None:
-        with self.cond:
-            self.written[rank] = max(self.written[rank], index)
-            if not self.keep:  # no committed copy: free what every rank has written
-                for i in range(min(self.written) + 1):
-                    self.refs[i] = None
-            self.cond.notify_all()
 
     def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
         with self.cond:
@@ -362,10 +362,14 @@ class CoordinatorActor:
             return feed
 
     @ray.method(concurrency_group="feed")
-    def feed_bucket(self, uid: str, meta: BucketMeta, refs: list, ahead: int | None) -> None:
-        """Add bucket `meta.index` (its ref inside `refs`); return once every rank has
-        written bucket `index - ahead` (no wait when `ahead` is None)."""
-        self._feed(uid).add(meta, refs[0], ahead, self.config.phase_timeout_s)
+    def feed_bucket(self, uid: str, meta: BucketMeta, refs: list) -> None:
+        """Add bucket `meta.index` (its ref inside `refs`, so it stays a ref)."""
+        self._feed(uid).add(meta, refs[0])
+
+    @ray.method(concurrency_group="feed")
+    def feed_wait(self, uid: str, index: int) -> None:
+        """Return once every rank has written bucket `index` (the trainer's backpressure)."""
+        self._feed(uid).wait_written(index, self.config.phase_timeout_s)
 
     @ray.method(concurrency_group="feed")
     def feed_end(self, uid: str, count: int, expected: dict[int, str] | None) -> None:
@@ -377,12 +381,10 @@ class CoordinatorActor:
         self._feed(uid).close(f"the trainer stopped: {reason}")
 
     @ray.method(concurrency_group="feed")
-    def take_bucket(self, uid: str, index: int) -> tuple[BucketMeta, list] | None:
-        return self._feed(uid).take(index, self.config.phase_timeout_s)
-
-    @ray.method(concurrency_group="feed")
-    def bucket_written(self, uid: str, rank: int, index: int) -> None:
-        self._feed(uid).written_by(rank, index)
+    def take_bucket(self, uid: str, rank: int, index: int, done: int):
+        """Bucket `index` as `(meta, [ref])`, or None after the last; `rank` has written
+        every bucket up to `done`."""
+        return self._feed(uid).take(rank, index, done, self.config.phase_timeout_s)
 
     def update_stream(
         self,

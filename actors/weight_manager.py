@@ -168,8 +168,7 @@ class WeightManagerActor:
             feed, uid, rank = spec.feed, spec.uid, self.rank
             return BucketStreamSource(
                 spec.announced,
-                request=lambda i: feed.take_bucket.remote(uid, i),
-                ack=lambda i: feed.bucket_written.remote(uid, rank, i),
+                request=lambda i: feed.take_bucket.remote(uid, rank, i, i - 2),
                 plan=self._engine().shard_plan(),
                 version=spec.version,
                 keep=spec.keep,

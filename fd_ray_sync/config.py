@@ -148,10 +148,10 @@ class FleetConfig(_Frozen):
     )
     buckets_in_flight: int = Field(
         2,
-        ge=1,
-        description="Pipelined updates: buckets the trainer may put beyond the last one "
-        "every rank has written (backpressure; bounds the update's object-store use when "
-        "keep_committed is off).",
+        ge=2,
+        description="Pipelined updates: buckets put and not yet written by every rank, at "
+        "most (backpressure; bounds the update's object-store use when keep_committed is "
+        "off). At least 2: a rank reports bucket i written when it asks for bucket i+2.",
     )
     detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")

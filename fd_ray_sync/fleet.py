@@ -151,9 +151,11 @@ class Fleet:
         update = self.coordinator.update_stream.remote(
             uid, list(announced) if announced is not None else None, version, force
         )
-        refs, count = [], 0
+        refs, count, waiting = [], 0, None
         try:
             for meta, arrays in buckets:
+                if waiting is not None:  # asked for before this bucket was packed
+                    _get(waiting)
                 if verify_fingerprints:
                     for t in meta.tensors:
                         for r in range(tp):
@@ -165,10 +167,16 @@ class Fleet:
                 del arrays
                 if self.config.keep_committed:
                     refs.append(ref)
-                # Returns when the ranks are at most `ahead` buckets behind (backpressure).
-                _get(self.coordinator.feed_bucket.remote(uid, meta, [ref], ahead))
+                self.coordinator.feed_bucket.remote(uid, meta, [ref])
                 del ref
                 count += 1
+                # Backpressure: the next bucket is put once every rank has written the one
+                # `ahead` places before it (at most `ahead` buckets in flight).
+                waiting = None
+                if ahead is not None and count >= ahead:
+                    waiting = self.coordinator.feed_wait.remote(uid, count - ahead)
+            if waiting is not None:
+                _get(waiting)
             expected = None
             if verify_fingerprints:
                 by_tp = {r: combine_digests(d) for r, d in digests.items()}

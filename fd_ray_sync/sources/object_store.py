@@ -106,7 +106,8 @@ class BucketStreamSource(WeightSource):
     """A rank's view of a pipelined update: buckets arrive while it writes.
 
     `request(i)` returns an ObjectRef of `(BucketMeta, [ref])` for bucket i, or of None after
-    the last one; `ack(i)` reports bucket i written. `announced` lists every tensor (full
+    the last one; it is called for bucket i+1 before bucket i is written, so it also tells
+    the feed that every bucket up to i-1 is written. `announced` lists every tensor (full
     shapes) the trainer will send. With `keep`, the buckets' refs are collected so the rank
     can name the committed version's data afterwards (`received()`).
     """
@@ -118,7 +119,6 @@ class BucketStreamSource(WeightSource):
         self,
         announced: Sequence[TensorMeta],
         request: Callable[[int], object],
-        ack: Callable[[int], None],
         plan: Mapping[str, ShardSpec],
         version: str | None = None,
         keep: bool = True,
@@ -126,7 +126,7 @@ class BucketStreamSource(WeightSource):
         self.announced = {t.name: t for t in announced}
         if len(self.announced) != len(announced):
             raise WeightMismatchError("a parameter is announced twice in the update")
-        self._request, self._ack, self.plan = request, ack, plan
+        self._request, self.plan = request, plan
         self._version, self._keep = version, keep
         self._checksums: dict[str, int | None] = {}
         self.metas: list[BucketMeta] = []
@@ -185,7 +185,6 @@ class BucketStreamSource(WeightSource):
             del arrays, ref
             yield f"bucket {i}", chunk
             del chunk
-            self._ack(i)
             i += 1
         missing = sorted(set(self.announced) - seen)
         if missing:
