@@ -52,15 +52,17 @@ def rank_actor_name(fleet: str, rank: int) -> str:
 class _Feed:
     """One pipelined update's buckets, as the trainer puts them and the ranks take them.
 
-    The trainer adds buckets in order and waits when it is `ahead` buckets past the last
-    one every rank has written (backpressure); ranks wait for the bucket they need next.
-    Closing wakes every waiter with the reason (the update failed or ended).
+    Before putting another bucket, the trainer waits until every rank has written the one
+    `ahead` places back (backpressure); a rank asks for bucket i+1 before writing bucket
+    i, saying which ones it has written. Calls run in the coordinator's feed threads in
+    no guaranteed order, so buckets are kept by index and the end may be announced before
+    the last bucket is in; and no caller sends a call that another of its calls waiting
+    here depends on. Closing wakes every waiter with the reason (the update failed/ended).
     """
 
     def __init__(self, ranks: int, keep: bool):
         self.cond = threading.Condition()
-        self.metas: list[BucketMeta] = []
-        self.refs: list = []  # None once no rank needs it (when the committed copy is off)
+        self.buckets: dict[int, list] = {}  # index -> [meta, ref]; ref None once released
         self.count: int | None = None  # set when the trainer has put the last bucket
         self.expected: dict[int, str] | None = None
         self.written = [-1] * ranks
@@ -73,14 +75,16 @@ class _Feed:
         if self.closed is not None:
             raise StateError(self.closed)
 
+    def _complete(self) -> bool:
+        return self.count is not None and len(self.buckets) == self.count
+
     def add(self, meta: BucketMeta, ref) -> None:
         with self.cond:
             if self.closed is not None:
                 raise StateError(self.closed)
-            if self.count is not None or meta.index != len(self.metas):
-                raise StateError(f"bucket {meta.index} fed where {len(self.metas)} was due")
-            self.metas.append(meta)
-            self.refs.append(ref)
+            if meta.index in self.buckets or (self.count is not None and meta.index >= self.count):
+                raise StateError(f"bucket {meta.index} fed twice or after the end")
+            self.buckets[meta.index] = [meta, ref]
             self.cond.notify_all()
 
     def wait_written(self, index: int, timeout: float) -> None:
@@ -91,8 +95,8 @@ class _Feed:
         with self.cond:
             if self.closed is not None:
                 raise StateError(self.closed)
-            if count != len(self.metas):
-                raise StateError(f"the trainer ended after {count} buckets, {len(self.metas)} fed")
+            if any(i >= count for i in self.buckets):
+                raise StateError(f"the trainer ended after {count} buckets, more were fed")
             self.count, self.expected = count, expected
             self.cond.notify_all()
 
@@ -100,7 +104,8 @@ class _Feed:
         with self.cond:
             if self.closed is None:
                 self.closed = reason
-                self.refs = [None] * len(self.refs)  # the transaction keeps what it needs
+                for entry in self.buckets.values():  # the transaction keeps what it needs
+                    entry[1] = None
                 self.cond.notify_all()
 
     def take(self, rank: int, index: int, done: int, timeout: float):
@@ -110,20 +115,36 @@ class _Feed:
             self.written[rank] = max(self.written[rank], done)
             if not self.keep:  # no committed copy: free what every rank has written
                 for i in range(min(self.written) + 1):
-                    self.refs[i] = None
+                    self.buckets[i][1] = None
             self.cond.notify_all()
-            arrived = lambda: index < len(self.metas) or self.count == index  # noqa: E731
+            arrived = lambda: (
+                index in self.buckets
+                or (  # noqa: E731
+                    index == self.count and self._complete()
+                )
+            )
             self._wait(arrived, timeout, f"bucket {index} did not arrive (is the trainer alive?)")
-            if index == self.count:
+            if index not in self.buckets:
                 return None
-            if self.refs[index] is None:
+            meta, ref = self.buckets[index]
+            if ref is None:
                 raise StateError(f"bucket {index} was already released")
-            return self.metas[index], [self.refs[index]]
+            return meta, [ref]
 
     def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
         with self.cond:
-            self._wait(lambda: self.count is not None, timeout, "the trainer did not finish")
-            return tuple(self.metas), tuple(self.refs)
+            self._wait(self._complete, timeout, "the trainer did not finish")
+            return self.metas(), self.refs()
+
+    def metas(self) -> tuple[BucketMeta, ...]:
+        return tuple(self.buckets[i][0] for i in sorted(self.buckets))
+
+    def refs(self) -> tuple:
+        return tuple(self.buckets[i][1] for i in sorted(self.buckets))
+
+    def progress(self) -> dict:
+        with self.cond:
+            return {"buckets_put": len(self.buckets), "written": [w + 1 for w in self.written]}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
@@ -477,7 +498,7 @@ class CoordinatorActor:
                 self._check_newer(loaded, force)
             expected = feed.expected if feed is not None else None
             if spec.kind == "stream":  # what the ranks received, to restore it later
-                spec = SourceSpec("buckets", loaded, tuple(feed.metas), tuple(feed.refs))
+                spec = SourceSpec("buckets", loaded, feed.metas(), feed.refs())
             # 6. verify: every parameter loaded, fingerprints as the trainer computed them.
             fp = self.config.fingerprint or bool(expected)
             checks = timed("verify", lambda a: a.verify.remote(fp))
@@ -631,9 +652,7 @@ class CoordinatorActor:
             running = [f for f in self._feeds.values() if f.closed is None]
         if not running:
             return None
-        feed = running[-1]
-        with feed.cond:
-            return {"buckets_put": len(feed.metas), "written": [w + 1 for w in feed.written]}
+        return running[-1].progress()
 
     @ray.method(concurrency_group="status")
     def rank_handles(self) -> list:

@@ -151,7 +151,7 @@ class Fleet:
         update = self.coordinator.update_stream.remote(
             uid, list(announced) if announced is not None else None, version, force
         )
-        refs, count, waiting = [], 0, None
+        refs, fed, count, waiting = [], [], 0, None
         try:
             for meta, arrays in buckets:
                 if waiting is not None:  # asked for before this bucket was packed
@@ -167,7 +167,7 @@ class Fleet:
                 del arrays
                 if self.config.keep_committed:
                     refs.append(ref)
-                self.coordinator.feed_bucket.remote(uid, meta, [ref])
+                fed.append(self.coordinator.feed_bucket.remote(uid, meta, [ref]))
                 del ref
                 count += 1
                 # Backpressure: the next bucket is put once every rank has written the one
@@ -175,8 +175,8 @@ class Fleet:
                 waiting = None
                 if ahead is not None and count >= ahead:
                     waiting = self.coordinator.feed_wait.remote(uid, count - ahead)
-            if waiting is not None:
-                _get(waiting)
+            for call in [waiting, *fed] if waiting is not None else fed:
+                _get(call)
             expected = None
             if verify_fingerprints:
                 by_tp = {r: combine_digests(d) for r, d in digests.items()}

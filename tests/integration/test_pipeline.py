@@ -119,7 +119,7 @@ def test_the_feed_holds_the_trainer_back_until_every_rank_wrote():
     assert feed.take(1, 1, 0, timeout=5) == (meta[1], ["ref1"])
     assert returned.wait(5)
     t.join()
-    assert feed.refs[:2] == [None, "ref1"]  # keep=False: a bucket all ranks wrote is freed
+    assert feed.refs()[:2] == (None, "ref1")  # keep=False: a bucket all ranks wrote is freed
     errors = []
 
     def take_next():
