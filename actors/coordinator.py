@@ -63,6 +63,12 @@ class _Feed:
     def __init__(self, ranks: int, keep: bool):
         self.cond = threading.Condition()
         self.buckets: dict[int, list] = {}  # index -> [meta, ref]; ref None once released
+        # The relay chain (see `relay_plan`): rank -> node, node -> node it fetches from,
+        # ranks that re-put each bucket for the next node, and those copies by (node, index).
+        self.node_of: dict[int, str] = {}
+        self.source: dict[str, str] = {}
+        self.relayers: set[int] = set()
+        self.relayed: dict[tuple[str, int], object] = {}
         self.count: int | None = None  # set when the trainer has put the last bucket
         self.expected: dict[int, str] | None = None
         self.written = [-1] * ranks
@@ -106,6 +112,7 @@ class _Feed:
                 self.closed = reason
                 for entry in self.buckets.values():  # the transaction keeps what it needs
                     entry[1] = None
+                self.relayed.clear()
                 self.cond.notify_all()
 
     def take(self, rank: int, index: int, done: int, timeout: float):
@@ -113,23 +120,41 @@ class _Feed:
         after the last bucket."""
         with self.cond:
             self.written[rank] = max(self.written[rank], done)
-            if not self.keep:  # no committed copy: free what every rank has written
-                for i in range(min(self.written) + 1):
-                    self.buckets[i][1] = None
+            self._release(min(self.written))
             self.cond.notify_all()
-            arrived = lambda: (
-                index in self.buckets
-                or (  # noqa: E731
-                    index == self.count and self._complete()
+            upstream = self.source.get(self.node_of.get(rank, ""))
+
+            def arrived() -> bool:
+                if index == self.count and self._complete():
+                    return True
+                return index in self.buckets and (
+                    upstream is None or (upstream, index) in self.relayed
                 )
-            )
+
             self._wait(arrived, timeout, f"bucket {index} did not arrive (is the trainer alive?)")
             if index not in self.buckets:
                 return None
-            meta, ref = self.buckets[index]
+            meta, origin = self.buckets[index]
+            ref = origin if upstream is None else self.relayed[(upstream, index)]
             if ref is None:
                 raise StateError(f"bucket {index} was already released")
-            return meta, [ref]
+            return {"meta": meta, "ref": [ref], "origin": [origin], "relay": rank in self.relayers}
+
+    def relay(self, node: str, index: int, ref) -> None:
+        """`node` holds its own copy of bucket `index` now: the next node fetches it there."""
+        with self.cond:
+            if self.closed is None:
+                self.relayed[(node, index)] = ref
+                self.cond.notify_all()
+
+    def _release(self, written: int) -> None:
+        """Drop the relayed copies every rank has written, and (no committed copy) the
+        buckets themselves: the store frees them."""
+        for key in [k for k in self.relayed if k[1] <= written]:
+            del self.relayed[key]
+        if not self.keep:
+            for i in range(written + 1):
+                self.buckets[i][1] = None
 
     def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
         with self.cond:
@@ -145,6 +170,29 @@ class _Feed:
     def progress(self) -> dict:
         with self.cond:
             return {"buckets_put": len(self.buckets), "written": [w + 1 for w in self.written]}
+
+
+def relay_plan(nodes: dict[int, str], trainer_node: str | None) -> tuple[dict, set]:
+    """The chain of rank nodes a pipelined update travels along.
+
+    Ranks on the trainer's node read its buckets in place. The other nodes, in order of
+    their lowest rank, form a chain: the first fetches each bucket from the trainer's node,
+    its lowest rank re-puts it there, the next node fetches that copy, and so on. Returns
+    (node -> the node it fetches from, ranks that re-put); with fewer than two such nodes
+    there is nothing to relay.
+    """
+    chain: list[str] = []
+    for rank in sorted(nodes):
+        node = nodes[rank]
+        if node != trainer_node and node not in chain:
+            chain.append(node)
+    if len(chain) < 2:
+        return {}, set()
+    source = {chain[k]: chain[k - 1] for k in range(1, len(chain))}
+    first_rank: dict[str, int] = {}
+    for rank in sorted(nodes):
+        first_rank.setdefault(nodes[rank], rank)
+    return source, {first_rank[node] for node in chain[:-1]}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
@@ -164,6 +212,7 @@ class CoordinatorActor:
         self._ok = [False] * config.dp  # replica -> serving the committed version
         self._cleared = False
         self._next_replica = 0
+        self._nodes: dict[int, str] = {}  # rank -> the node it runs on
         self._feeds: dict[str, _Feed] = {}
         self._feeds_lock = threading.Lock()
         self._adopt()
@@ -253,7 +302,8 @@ class CoordinatorActor:
             deadline = time.monotonic() + self.config.phase_timeout_s
             try:
                 endpoints = [self._await_alive(r, deadline) for r in ranks]
-                self._phase("setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks)
+                out = self._phase("setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks)
+                self._nodes.update({rank: info["node"] for rank, info in out.items()})
                 return
             except RankFailed as e:
                 if not e.lost or attempt == attempts:
@@ -318,6 +368,7 @@ class CoordinatorActor:
                 statuses[rank] = ray.get(self.ranks[rank].status.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - dead, restarting or hung: rebuild it
                 statuses[rank] = None
+        self._nodes.update({r: st["node"] for r, st in statuses.items() if st is not None})
         for replica in range(self.config.dp):
             states = [statuses[r] for r in self._replica_ranks(replica)]
             alive = all(st is not None and st["set_up"] for st in states)
@@ -403,9 +454,13 @@ class CoordinatorActor:
 
     @ray.method(concurrency_group="feed")
     def take_bucket(self, uid: str, rank: int, index: int, done: int):
-        """Bucket `index` as `(meta, [ref])`, or None after the last; `rank` has written
-        every bucket up to `done`."""
+        """Bucket `index` for `rank` (see `_Feed.take`), or None after the last; `rank`
+        has written every bucket up to `done`."""
         return self._feed(uid).take(rank, index, done, self.config.phase_timeout_s)
+
+    @ray.method(concurrency_group="feed")
+    def relay_bucket(self, uid: str, node: str, index: int, refs: list) -> None:
+        self._feed(uid).relay(node, index, refs[0])
 
     def update_stream(
         self,
@@ -413,6 +468,7 @@ class CoordinatorActor:
         announced: list[TensorMeta] | None,
         version: str,
         force: bool = False,
+        trainer_node: str | None = None,
     ) -> UpdateReport:
         """Load the update the trainer feeds under `uid`.
 
@@ -426,6 +482,10 @@ class CoordinatorActor:
                 metas, refs = feed.wait_all(self.config.phase_timeout_s)
                 spec = SourceSpec("buckets", version, metas, refs)
             else:
+                if self.config.relay:
+                    with feed.cond:
+                        feed.node_of = dict(self._nodes)
+                        feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)
                 spec = SourceSpec(
                     "stream",
                     version,

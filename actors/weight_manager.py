@@ -166,9 +166,11 @@ class WeightManagerActor:
             return SnapshotSource.from_config(self.load, self.parallel, spec.folder)
         if spec.kind == "stream":
             feed, uid, rank = spec.feed, spec.uid, self.rank
+            node = ray.get_runtime_context().get_node_id()
             return BucketStreamSource(
                 spec.announced,
                 request=lambda i: feed.take_bucket.remote(uid, rank, i, i - 2),
+                relay=lambda i, refs: feed.relay_bucket.remote(uid, node, i, refs),
                 plan=self._engine().shard_plan(),
                 version=spec.version,
                 keep=spec.keep,
@@ -225,6 +227,7 @@ class WeightManagerActor:
             "committed": self.committed.version if self.committed else None,
             "fingerprint": self._fingerprint,
             "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
         }
 
     @ray.method(concurrency_group="status")

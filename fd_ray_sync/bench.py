@@ -424,6 +424,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
+        "--nodes",
+        default=None,
+        help="comma-separated rank node counts (e.g. 2,4): run the multi-node bench on a "
+        "local ray.cluster_utils cluster per count instead (see fd_ray_sync.bench_nodes)",
+    )
+    p.add_argument(
+        "--bucket-mb", type=int, default=256, help="multi-node bench: bucket size in MiB"
+    )
+    p.add_argument(
         "--no-rollback-copy",
         action="store_true",
         help="ours: do not keep the committed version in the object store",
@@ -431,6 +440,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
+    if args.nodes:
+        from fd_ray_sync.bench_nodes import run_nodes
+
+        counts = [int(n) for n in args.nodes.split(",") if n]
+        result = run_nodes(args.size_gb, args.tp, counts, args.runs, args.bucket_mb)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -153,6 +153,13 @@ class FleetConfig(_Frozen):
         "most (backpressure; bounds the update's object-store use when keep_committed is "
         "off). At least 2: a rank reports bucket i written when it asks for bucket i+2.",
     )
+    relay: bool = Field(
+        True,
+        description="Pipelined updates to ranks on several nodes other than the trainer's: "
+        "the first such node fetches each bucket from the trainer's node and re-puts it, "
+        "each next node fetches from the one before (a chain), so about one model's bytes "
+        "leave the trainer's node instead of one per node.",
+    )
     detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
 

@@ -149,7 +149,11 @@ class Fleet:
         uid = uuid.uuid4().hex
         ahead = self.config.buckets_in_flight if announced is not None else None
         update = self.coordinator.update_stream.remote(
-            uid, list(announced) if announced is not None else None, version, force
+            uid,
+            list(announced) if announced is not None else None,
+            version,
+            force,
+            ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
         )
         refs, fed, count, waiting = [], [], 0, None
         try:

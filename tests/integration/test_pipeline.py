@@ -7,7 +7,7 @@ import threading
 import pytest
 from test_fleet import expected_fingerprints
 
-from actors.coordinator import _Feed
+from actors.coordinator import _Feed, relay_plan
 from fd_ray_sync.buckets import BucketMeta, iter_buckets
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
@@ -113,10 +113,10 @@ def test_the_feed_holds_the_trainer_back_until_every_rank_wrote():
     returned = threading.Event()
     t = threading.Thread(target=lambda: (feed.wait_written(0, 5), returned.set()))
     t.start()
-    assert feed.take(0, 0, -1, timeout=5) == (meta[0], ["ref0"])
-    assert feed.take(0, 1, 0, timeout=5) == (meta[1], ["ref1"])  # rank 0 wrote bucket 0
+    assert feed.take(0, 0, -1, timeout=5)["ref"] == ["ref0"]
+    assert feed.take(0, 1, 0, timeout=5)["ref"] == ["ref1"]  # rank 0 wrote bucket 0
     assert not returned.wait(0.3)  # rank 1 has not
-    assert feed.take(1, 1, 0, timeout=5) == (meta[1], ["ref1"])
+    assert feed.take(1, 1, 0, timeout=5)["meta"] == meta[1]
     assert returned.wait(5)
     t.join()
     assert feed.refs()[:2] == (None, "ref1")  # keep=False: a bucket all ranks wrote is freed
@@ -151,3 +151,25 @@ def test_an_iterator_is_gathered_then_checked_whole(fleet):
     fleet.push_buckets(watched(), 6)
     assert seen and all(max(p["written"]) == 0 for p in seen)
     assert_holds(fleet, state, 6)
+
+
+def test_the_relay_chain_starts_next_to_the_trainer_and_each_node_feeds_the_next():
+    nodes = {0: "A", 1: "A", 2: "B", 3: "B", 4: "T", 5: "C"}  # T: the trainer's node
+    source, relayers = relay_plan(nodes, trainer_node="T")
+    assert source == {"B": "A", "C": "B"}  # A fetches from T; nobody fetches from C
+    assert relayers == {0, 2}  # the lowest rank of A and of B re-puts for the next node
+    assert relay_plan({0: "A", 1: "A", 2: "T"}, "T") == ({}, set())  # one node: no chain
+
+
+def test_a_rank_gets_its_nodes_copy_once_the_node_before_relayed_it():
+    feed = _Feed(ranks=2, keep=True)
+    feed.node_of = {0: "A", 1: "B"}
+    feed.source, feed.relayers = {"B": "A"}, {0}
+    feed.add(BucketMeta(index=0, tensors=()), "origin0")
+    first = feed.take(0, 0, -1, timeout=5)
+    assert (first["ref"], first["relay"]) == (["origin0"], True)
+    with pytest.raises(StateError, match="bucket 0 did not arrive"):
+        feed.take(1, 0, -1, timeout=0.2)  # node A has not handed its copy on yet
+    feed.relay("A", 0, "copy-on-A")
+    second = feed.take(1, 0, -1, timeout=5)
+    assert (second["ref"], second["origin"], second["relay"]) == (["copy-on-A"], ["origin0"], False)
