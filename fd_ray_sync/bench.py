@@ -182,7 +182,7 @@ class _PlainRank:
         import paddle
 
         paddle.disable_signal_handler()
-        self.engine = SyntheticEngine(total_bytes, ParallelConfig(tp=tp, rank=rank), _NoGroups())
+        self.engine = SyntheticEngine(total_bytes, ParallelConfig(tp=tp, rank=rank % tp), _NoGroups())
         self.params = self.engine.models()[0].state_dict()
         self.plan = self.engine.shard_plan()
         self._watch: AnonPeak | None = None
