@@ -387,12 +387,33 @@ class CoordinatorActor:
 
     # --- phases --------------------------------------------------------------------------
 
-    def _phase(self, name: str, call: Callable, ranks: Iterable[int] | None = None) -> dict:
-        """Run `call(actor)` on the ranks and join them: the barrier of one phase."""
+    def _phase(
+        self,
+        name: str,
+        call: Callable,
+        ranks: Iterable[int] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> dict:
+        """Run `call(actor)` on the ranks and join them: the barrier of one phase.
+
+        `on_failure(reason)` runs as soon as one rank fails, while the others still run
+        (a pipelined load closes its feed, so ranks waiting for buckets stop at once).
+        """
         ranks = list(range(self.world)) if ranks is None else list(ranks)
         refs = {rank: call(self.ranks[rank]) for rank in ranks}
         timeout = self.config.phase_timeout_s
-        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        if on_failure is None:
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        else:
+            pending, rank_of = list(refs.values()), {ref: r for r, ref in refs.items()}
+            deadline = time.monotonic() + timeout
+            while pending and (left := deadline - time.monotonic()) > 0:
+                done, pending = ray.wait(pending, num_returns=1, timeout=left)
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - reported below, with the rest
+                        on_failure(f"rank {rank_of[ref]} failed in {name}: {type(e).__name__}")
         pending = set(pending)
         results, failures, errors, lost = {}, {}, {}, set()
         for rank, ref in refs.items():
@@ -514,9 +535,9 @@ class CoordinatorActor:
         phase_s: dict[str, float] = {}
         start = time.perf_counter()
 
-        def timed(name, call):
+        def timed(name, call, on_failure=None):
             t = time.perf_counter()
-            out = self._phase(name, call)
+            out = self._phase(name, call, on_failure=on_failure)
             phase_s[name] = time.perf_counter() - t
             return out
 
@@ -540,7 +561,9 @@ class CoordinatorActor:
             after = self._committed is not None and self._committed.restorable
             try:
                 reports: dict[int, LoadReport] = timed(
-                    "load", lambda a: a.load.remote(spec, after and not self._cleared)
+                    "load",
+                    lambda a: a.load.remote(spec, after and not self._cleared),
+                    on_failure=feed.close if spec.kind == "stream" else None,
                 )
             except Exception as e:
                 # Nothing was written only if every rank refused before writing.

@@ -33,7 +33,7 @@ from fd_ray_sync.engine.synthetic import (
     synthetic_shapes,
     synthetic_weights,
 )
-from fd_ray_sync.memwatch import AnonPeak, memory_now
+from fd_ray_sync.memwatch import AnonPeak, Peak, memory_now
 from fd_ray_sync.ray_stats import object_store_bytes_used
 from fd_ray_sync.sharding import take_shard
 
@@ -122,7 +122,8 @@ def _rank_handles(fleet) -> list:
 
 
 def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
-    """Ours: the object store (with or without checksums) or per-rank snapshots."""
+    """Ours: the object store (with or without checksums; pipelined, or gathered from an
+    iterator), or per-rank snapshots."""
     fleet = _fleet(setup, f"bench-{how}", checksums=(how == "object_store"))
     ranks = _rank_handles(fleet)
     folder = tempfile.mkdtemp(prefix="fdrs-bench-")
@@ -147,14 +148,18 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             wait_store_drained(int(kept) + (64 << 20))
             ray.get([r.watch_memory.remote() for r in ranks])
             trainer = AnonPeak()
+            store = Peak(object_store_bytes_used, 0.05)  # what the update adds to the store
             t = time.perf_counter()
             if how == "snapshot":
                 fleet.update_from_snapshot(path, str(version))
+            elif how == "object_store_gathered":  # names not known up front: put all, then load
+                fleet.update(iter(full.items()), version=version, verify_fingerprints=False)
             else:
                 fleet.update(full, version=version, verify_fingerprints=False)
             dt = time.perf_counter() - t
             del full
             trainer_extra = trainer.stop()
+            extra["store_peak_extra_bytes"] = store.stop()
             rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
             if run >= WARMUP:
                 times.append(dt)
@@ -182,7 +187,8 @@ class _PlainRank:
         import paddle
 
         paddle.disable_signal_handler()
-        self.engine = SyntheticEngine(total_bytes, ParallelConfig(tp=tp, rank=rank % tp), _NoGroups())
+        parallel = ParallelConfig(tp=tp, rank=rank % tp)  # any replica: its TP rank's slices
+        self.engine = SyntheticEngine(total_bytes, parallel, _NoGroups())
         self.params = self.engine.models()[0].state_dict()
         self.plan = self.engine.shard_plan()
         self._watch: AnonPeak | None = None
@@ -352,6 +358,7 @@ def run_rdt(setup: Setup, runs: int) -> dict:
 METHODS = {
     "object_store": lambda s, n: run_fleet_method(s, n, "object_store"),
     "object_store_unchecked": lambda s, n: run_fleet_method(s, n, "object_store_unchecked"),
+    "object_store_gathered": lambda s, n: run_fleet_method(s, n, "object_store_gathered"),
     "snapshot": lambda s, n: run_fleet_method(s, n, "snapshot"),
     "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
     "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
@@ -392,7 +399,7 @@ def run_bench(
         out["methods"][name] = result
         print(_row(name, result), flush=True)
     naive = out["methods"].get("naive_ray", {}).get("seconds")
-    for ours in ("object_store", "object_store_unchecked"):
+    for ours in ("object_store", "object_store_unchecked", "object_store_gathered"):
         seconds = out["methods"].get(ours, {}).get("seconds")
         if naive and seconds:
             out[f"{ours}_speedup_vs_naive"] = naive / seconds
@@ -467,7 +474,8 @@ def run_from_args(args) -> int:
         if "rollback_copy_bytes" in r:
             print(
                 f"{name}: rollback copy kept in the object store: "
-                f"{r['rollback_copy_bytes'] / 2**30:.2f} GiB"
+                f"{r['rollback_copy_bytes'] / 2**30:.2f} GiB; the update's peak on top of "
+                f"it: {r['store_peak_extra_bytes'] / 2**30:.2f} GiB"
             )
     ratios = "".join(
         f"; {k.removesuffix('_speedup_vs_naive')} vs naive_ray x{v:.2f}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import threading
+from collections.abc import Callable
 
 
 def memory_now() -> dict[str, int]:
@@ -26,24 +27,30 @@ def memory_now() -> dict[str, int]:
     }
 
 
-class AnonPeak:
-    """Samples anonymous RSS every `interval_s`; `peak_extra()` is the growth over the start."""
+class Peak:
+    """Samples `read()` every `interval_s` in a thread; `stop()` gives the peak growth."""
 
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s = interval_s
-        self.base = memory_now()["rss_anon"]
-        self.peak = self.base
+    def __init__(self, read: Callable[[], int], interval_s: float):
+        self.read, self.interval_s = read, interval_s
+        self.base = self.peak = read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, memory_now()["rss_anon"])
+            self.peak = max(self.peak, self.read())
 
     def stop(self) -> int:
         """Stop sampling; returns the peak growth in bytes."""
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, memory_now()["rss_anon"])
+        self.peak = max(self.peak, self.read())
         return self.peak - self.base
+
+
+class AnonPeak(Peak):
+    """Peak growth of this process's anonymous (private) RSS, sampled every 5 ms."""
+
+    def __init__(self, interval_s: float = 0.005):
+        super().__init__(lambda: memory_now()["rss_anon"], interval_s)
