@@ -725,6 +725,10 @@ class CoordinatorActor:
             "dp": self.config.dp,
             "tp": self.config.tp,
             "keep_committed": self.config.keep_committed,
+            # What a trainer that connects needs to feed updates as this fleet expects.
+            "trainer": self.config.model_dump(
+                mode="json", include={"load", "pipelined", "buckets_in_flight"}
+            ),
             "update": self._update_progress(),
             "ranks": ranks,
         }

@@ -99,7 +99,7 @@ class Setup:
 # --- methods ------------------------------------------------------------------------------
 
 
-def _fleet(setup: Setup, name: str, checksums: bool):
+def _fleet(setup: Setup, name: str, checksums: bool, pipelined: bool = True):
     keep = setup.keep_committed
     from fd_ray_sync.fleet import Fleet
 
@@ -112,6 +112,7 @@ def _fleet(setup: Setup, name: str, checksums: bool):
         load=LoadConfig(load_strategy="object_store", verify_checksum=checksums),
         fingerprint=checksums,
         keep_committed=keep,
+        pipelined=pipelined,
     )
     factory = functools.partial(SyntheticEngine, setup.total_bytes)
     return Fleet.launch(config, engine_factory=factory)
@@ -124,7 +125,8 @@ def _rank_handles(fleet) -> list:
 def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
     """Ours: the object store (with or without checksums; pipelined, or gathered from an
     iterator), or per-rank snapshots."""
-    fleet = _fleet(setup, f"bench-{how}", checksums=(how == "object_store"))
+    gathered = how == "object_store_gathered"  # every bucket put first, then loaded
+    fleet = _fleet(setup, f"bench-{how}", checksums=(how == "object_store"), pipelined=not gathered)
     ranks = _rank_handles(fleet)
     folder = tempfile.mkdtemp(prefix="fdrs-bench-")
     times, extra = [], {}
@@ -152,8 +154,6 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             t = time.perf_counter()
             if how == "snapshot":
                 fleet.update_from_snapshot(path, str(version))
-            elif how == "object_store_gathered":  # names not known up front: put all, then load
-                fleet.update(iter(full.items()), version=version, verify_fingerprints=False)
             else:
                 fleet.update(full, version=version, verify_fingerprints=False)
             dt = time.perf_counter() - t

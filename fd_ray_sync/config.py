@@ -146,6 +146,13 @@ class FleetConfig(_Frozen):
         "size) so an aborted update rolls back and a restarted rank reloads it; off, such a "
         "replica stays down until the next update. Snapshot sources are always kept.",
     )
+    pipelined: bool = Field(
+        True,
+        description="Updates from a mapping: ranks write each bucket while the trainer puts "
+        "the next ones. Off: every bucket is put first, then loaded (as for an iterator); "
+        "on a host with few cores, where puts and rank writes compete, that can be faster "
+        "(docs/benchmarks.md).",
+    )
     buckets_in_flight: int = Field(
         2,
         ge=2,

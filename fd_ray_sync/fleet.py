@@ -93,6 +93,7 @@ class Fleet:
             tp=status["tp"],
             dp=status["dp"],
             keep_committed=status["keep_committed"],
+            **status["trainer"],
         )
         return cls(coordinator, config)
 
@@ -108,7 +109,8 @@ class Fleet:
         """Push full (unsharded) weights to every rank; returns when committed or raises.
 
         `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy).
-        A mapping is pipelined: its names, shapes and dtypes are announced first (ranks
+        A mapping is pipelined (`FleetConfig.pipelined`): its names, shapes and dtypes are
+        announced first (ranks
         check them before writing anything), then ranks write each bucket while the next
         ones are packed and put, at most `FleetConfig.buckets_in_flight` ahead. An iterator
         is packed and put in full first (only one bucket of references is held while
@@ -124,7 +126,8 @@ class Fleet:
         tp_plans = [plans[r] for r in range(self.config.tp)] if checked else None
         announced = None
         # Each rank of a pipelined update waits for its next bucket in a coordinator thread.
-        if isinstance(weights, Mapping) and self.config.tp * self.config.dp <= FEED_THREADS - 4:
+        world = self.config.tp * self.config.dp
+        if isinstance(weights, Mapping) and self.config.pipelined and world <= FEED_THREADS - 4:
             announced = []
             for name, tensor in weights.items():
                 shape, dtype = shape_and_dtype(tensor)

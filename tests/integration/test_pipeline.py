@@ -173,3 +173,12 @@ def test_a_rank_gets_its_nodes_copy_once_the_node_before_relayed_it():
     feed.relay("A", 0, "copy-on-A")
     second = feed.take(1, 0, -1, timeout=5)
     assert (second["ref"], second["origin"], second["relay"]) == (["copy-on-A"], ["origin0"], False)
+
+
+def test_a_trainer_that_connects_feeds_as_the_fleet_was_configured(fleet):
+    other = Fleet.connect("pipeline-fleet")
+    assert other.config.buckets_in_flight == AHEAD
+    assert other.config.load.bucket_bytes == BUCKET
+    state = init_full_state_dict(TINY, seed=7)
+    assert len(other.update(state, version=7).ranks) == 2
+    assert_holds(fleet, state, 7)
