@@ -110,13 +110,12 @@ class Fleet:
 
         `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy).
         A mapping is pipelined (`FleetConfig.pipelined`): its names, shapes and dtypes are
-        announced first (ranks
-        check them before writing anything), then ranks write each bucket while the next
-        ones are packed and put, at most `FleetConfig.buckets_in_flight` ahead. An iterator
-        is packed and put in full first (only one bucket of references is held while
-        packing), then checked whole by the ranks before they write. With
-        `verify_fingerprints`, each rank's weights must match the fingerprint computed here
-        for its slice.
+        announced first (ranks check them before writing anything), then ranks write each
+        bucket while the next ones are packed and put, at most
+        `FleetConfig.buckets_in_flight` ahead. An iterator is packed and put in full first
+        (only one bucket of references is held while packing), then checked whole by the
+        ranks before they write. With `verify_fingerprints`, each rank's weights must match
+        the fingerprint computed here for its slice.
         """
         load = self.config.load
         # Checksums are of each TP rank's slice: a rank checks only the bytes it takes, and

@@ -11,8 +11,9 @@ Two forms:
 - `BucketStreamSource`: the pipelined update. The trainer announced the names, shapes and
   dtypes up front (checked before the first write) and is still putting buckets while the
   rank writes the first ones; each bucket is checked against the announcement and its
-  checksums as it arrives, and the rank acknowledges each one it wrote (the trainer's
-  backpressure).
+  checksums as it arrives, and the rank's request for the next bucket reports what it has
+  written (the trainer's backpressure). Ranks on a relay chain re-put each bucket for the
+  next node (see `actors.coordinator.relay_plan`).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class BucketStreamSource(WeightSource):
     for the next node), or of None after the last one. It is called for bucket i+1 before
     bucket i is written, so it also tells the feed that every bucket up to i-1 is written.
     `relay(i, [ref])` hands on this node's copy of bucket i. `announced` lists every tensor
-    (full shapes) the trainer will send. With `keep`, the buckets' refs are collected so the rank
-    can name the committed version's data afterwards (`received()`).
+    (full shapes) the trainer will send. With `keep`, the trainer's bucket refs are
+    collected (`metas`, `refs`) so the rank can name the committed version's data afterwards.
     """
 
     name = "object_store"
