@@ -100,7 +100,10 @@ def test_rank_memory_is_flat_over_ten_clear_reload_cycles(ray_cluster):
         fleet.shutdown()
     share = model_bytes / 2
     for rank in range(2):
-        first, last = rss[0][rank], rss[-1][rank]
-        # Leaking even a tenth of a rank's share per cycle would add 0.9 shares by cycle 10;
-        # the allocator's warm-up over the first cycles stays well under half a share.
-        assert last - first < 0.5 * share, (rank, [r[rank] for r in rss])
+        first, warm, last = rss[0][rank], rss[4][rank], rss[-1][rank]
+        seen = (rank, [r[rank] for r in rss])
+        # The allocators warm up over the first cycles (~2 MB a cycle for four, measured,
+        # whatever the model size); keeping a copy of the weights would be a whole share.
+        assert warm - first < 0.8 * share, seen
+        # After that, flat: leaking a tenth of a share per cycle would add half a share.
+        assert last - warm < 0.2 * share, seen

