@@ -231,6 +231,12 @@ class _NoGroups:
         pass
 
 
+def naive_push(full: dict, ranks: list) -> None:
+    """Naive Ray: the whole state dict as one object; every rank gets it and set_values."""
+    ref = ray.put(full)
+    ray.get([r.load_object.remote([ref]) for r in ranks])
+
+
 def run_baseline(setup: Setup, runs: int, how: str) -> dict:
     world = setup.tp * setup.dp
     ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
@@ -247,9 +253,7 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
             trainer = AnonPeak()
             start = time.perf_counter()
             if how == "naive_ray":
-                ref = ray.put(full)
-                ray.get([r.load_object.remote([ref]) for r in ranks])
-                del ref
+                naive_push(full, ranks)
             else:  # fastdeploy_pdparams: per-rank paddle.save, then paddle.load on each rank
                 import paddle
 

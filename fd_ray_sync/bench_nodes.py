@@ -130,7 +130,7 @@ def _ours(setup, meter: NodeMeter, runs: int, relay: bool, bucket_bytes: int) ->
 
 
 def _naive(setup, meter: NodeMeter, runs: int) -> dict:
-    from fd_ray_sync.bench import WARMUP, PlainRank
+    from fd_ray_sync.bench import WARMUP, PlainRank, naive_push
 
     world = setup.tp * setup.dp
     ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
@@ -138,13 +138,8 @@ def _naive(setup, meter: NodeMeter, runs: int) -> dict:
     try:
         for run in range(runs + WARMUP):
             full = dict(setup.weights(run + 1))
-
-            def push(full=full):
-                ref = ray.put(full)
-                ray.get([r.load_object.remote([ref]) for r in ranks])
-
-            seconds, bytes_sent = _measured(meter, push)
-            del full, push
+            seconds, bytes_sent = _measured(meter, functools.partial(naive_push, full, ranks))
+            del full
             if run >= WARMUP:
                 times.append(seconds)
                 sent.append(bytes_sent)

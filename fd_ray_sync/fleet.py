@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
 from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
+from fd_ray_sync.ray_stats import local_store_room
 from fd_ray_sync.sharding import REPLICATED, ShardSpec
 from fd_ray_sync.tensors import shape_and_dtype
 from fd_ray_sync.version import validate_version
@@ -158,10 +160,12 @@ class Fleet:
             ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
         )
         refs, fed, count, waiting = [], [], 0, None
+        room = _StoreRoom()
         try:
             for meta, arrays in buckets:
                 if waiting is not None:  # asked for before this bucket was packed
                     _get(waiting)
+                room.wait_for(meta.nbytes)
                 if verify_fingerprints:
                     for t in meta.tensors:
                         for r in range(tp):
@@ -245,6 +249,30 @@ class Fleet:
         """Stop the ranks and the coordinator."""
         _get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+
+
+class _StoreRoom:
+    """Waits, before a put, until this node's object store has room for it.
+
+    Ray frees the buckets of a superseded version asynchronously (about a second after the
+    commit that drops them, measured); putting the next version before they are gone
+    spills to disk (seconds per GiB). One query per update while the known room lasts;
+    after `STORE_WAIT_S` in one update it stops waiting and lets Ray spill.
+    """
+
+    STORE_WAIT_S = 10.0
+
+    def __init__(self):
+        self.deadline = time.monotonic() + self.STORE_WAIT_S
+        self.room: int | None = None
+
+    def wait_for(self, nbytes: int) -> None:
+        while self.room is None or self.room < nbytes:
+            self.room = local_store_room()
+            if self.room >= nbytes or time.monotonic() >= self.deadline:
+                break
+            time.sleep(0.02)
+        self.room -= nbytes
 
 
 def _get(ref):

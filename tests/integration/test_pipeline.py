@@ -3,8 +3,11 @@ trainer stays at most `buckets_in_flight` ahead, and a stream that breaks mid-wa
 nothing a reader can see."""
 
 import threading
+import time
 
+import numpy as np
 import pytest
+import ray
 from test_fleet import expected_fingerprints
 
 from actors.coordinator import _Feed, relay_plan
@@ -13,8 +16,9 @@ from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.errors import RankFailed, StateError
-from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.fleet import Fleet, _StoreRoom
 from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.ray_stats import local_store_room
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +186,17 @@ def test_a_trainer_that_connects_feeds_as_the_fleet_was_configured(fleet):
     state = init_full_state_dict(TINY, seed=7)
     assert len(other.update(state, version=7).ranks) == 2
     assert_holds(fleet, state, 7)
+
+
+def test_the_trainer_waits_for_store_room_then_gives_up_and_lets_ray_spill(fleet):
+    room = local_store_room()
+    ref = ray.put(np.zeros(8 << 20, np.uint8))
+    assert room - local_store_room() >= 8 << 20  # this node's store, as Ray counts it
+    del ref
+    waiter = _StoreRoom()
+    waiter.deadline = time.monotonic() + 0.3
+    started = time.monotonic()
+    waiter.wait_for(1 << 20)  # there is room: one query, no wait
+    assert time.monotonic() - started < 0.25
+    waiter.wait_for(local_store_room() + (1 << 30))  # no room: waits until the deadline
+    assert 0.2 < time.monotonic() - started < 5
