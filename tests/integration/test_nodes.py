@@ -6,6 +6,7 @@ process (the test session's Ray is a single node); bytes are the nodes' own coun
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,17 @@ def test_the_relay_sends_one_model_out_of_the_trainers_node(tmp_path):
     # from a peer that already holds them: 1.7-2.0 copies measured).
     assert direct["trainer_node_sent_x_model"] > 1.3
     assert naive["trainer_node_sent_x_model"] > 1.3
+
+
+def test_killing_the_relaying_rank_aborts_at_once_and_restores_the_version(tmp_path):
+    """Rank 0 re-puts every bucket for rank 1's node; it is SIGKILLed mid-update. Its
+    failure closes the feed, so rank 1 stops waiting for relayed buckets instead of
+    waiting out the 120 s phase timeout; the replica is rebuilt on version 1."""
+    out = tmp_path / "fault.json"
+    script = Path(__file__).with_name("relay_fault.py")
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=600, cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert r["nodes"] == 2  # the two ranks on two nodes: a relay chain
+    assert (r["error"], r["phase"], r["lost"]) == ("RankFailed", "load", [0])
+    assert r["seconds_kill_to_error"] < 60  # includes rebuilding the replica
+    assert r["version_after"] == "1" and r["same_weights_as_before"] and r["victim_replaced"]
