@@ -72,6 +72,7 @@ class _Feed:
         self.count: int | None = None  # set when the trainer has put the last bucket
         self.expected: dict[int, str] | None = None
         self.written = [-1] * ranks
+        self.released = -1  # buckets up to here are released (keep off)
         self.keep = keep
         self.closed: str | None = None
 
@@ -153,8 +154,9 @@ class _Feed:
         for key in [k for k in self.relayed if k[1] <= written]:
             del self.relayed[key]
         if not self.keep:
-            for i in range(written + 1):
+            for i in range(self.released + 1, written + 1):
                 self.buckets[i][1] = None
+            self.released = max(self.released, written)
 
     def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
         with self.cond:

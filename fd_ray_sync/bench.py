@@ -92,6 +92,11 @@ class Setup:
             )
         return {r: by_tp[r % self.tp] for r in self.plans}
 
+    def holds(self, ranks: list, seed: int) -> bool:
+        """Every rank actor (with a `fingerprint()` method) holds seed `seed`'s slices."""
+        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
+        return got == self.expected_fingerprints(seed)
+
     def floor_s(self, gbps: float) -> float:
         return (self.model_bytes + sum(self.share_bytes.values())) / (gbps * GB)
 
@@ -275,8 +280,7 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
             rank_extra = ray.get([r.peak.remote() for r in ranks])
             if run >= WARMUP:
                 times.append(dt)
-        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
-        ok = got == setup.expected_fingerprints(runs + WARMUP)
+        ok = setup.holds(ranks, runs + WARMUP)
     finally:
         for r in ranks:
             ray.kill(r)
@@ -341,8 +345,7 @@ def run_rdt(setup: Setup, runs: int) -> dict:
             del ref
             if run >= WARMUP:
                 times.append(dt)
-        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
-        ok = got == setup.expected_fingerprints(runs + WARMUP)
+        ok = setup.holds(ranks, runs + WARMUP)
     except Exception as e:  # noqa: BLE001 - RDT is alpha: report how it failed, exactly
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
