@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -162,6 +163,8 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             else:
                 fleet.update(full, version=version, verify_fingerprints=False)
             dt = time.perf_counter() - t
+            if how == "snapshot" and version > 1:  # only the committed version's files stay
+                shutil.rmtree(os.path.join(folder, f"v{version - 1}"))
             del full
             trainer_extra = trainer.stop()
             extra["store_peak_extra_bytes"] = store.stop()
@@ -176,6 +179,7 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
         ok = got == setup.expected_fingerprints(runs + WARMUP)
     finally:
         fleet.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
     return {
         "times": times,
         "trainer_extra": trainer_extra,
@@ -284,6 +288,7 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
     finally:
         for r in ranks:
             ray.kill(r)
+        shutil.rmtree(folder, ignore_errors=True)
     return {
         "times": times,
         "trainer_extra": trainer_extra,
