@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import ray
 from ray.util.placement_group import (
@@ -31,18 +31,27 @@ from actors.weight_manager import EngineFactory, SourceSpec, WeightManagerActor
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.config import FEED_THREADS, FleetConfig
 from fd_ray_sync.errors import (
-    REFUSED_BEFORE_WRITE,
+    PartialUpdateError,
     PhaseTimeout,
     RankFailed,
+    RestoreError,
     StateError,
     VerificationError,
     VersionError,
 )
 from fd_ray_sync.log import get_logger
-from fd_ray_sync.messages import GenerationResult, LoadReport, TensorMeta, UpdateReport
+from fd_ray_sync.messages import (
+    GenerationResult,
+    LoadReport,
+    PrepareReport,
+    TensorMeta,
+    UpdateReport,
+)
+from fd_ray_sync.ray_stats import ProcessRef, is_alive
 from fd_ray_sync.version import is_newer, validate_version
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+TRAINER_POLL_S = 0.5  # how often a running update asks whether its trainer still lives
 
 
 def rank_actor_name(fleet: str, rank: int) -> str:
@@ -106,6 +115,11 @@ class _Feed:
                 raise StateError(f"the trainer ended after {count} buckets, more were fed")
             self.count, self.expected = count, expected
             self.cond.notify_all()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """True once the feed is closed (waits up to `timeout` seconds)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.closed is not None, timeout)
 
     def close(self, reason: str) -> None:
         with self.cond:
@@ -215,6 +229,9 @@ class CoordinatorActor:
         self._cleared = False
         self._next_replica = 0
         self._nodes: dict[int, str] = {}  # rank -> the node it runs on
+        self._pids: dict[int, int] = {}  # rank -> the process set up (a restart changes it)
+        self._fingerprints: dict[int, str | None] = {}  # rank -> committed fingerprint
+        self._down: dict[int, str] = {}  # replica -> why it does not serve
         self._feeds: dict[str, _Feed] = {}
         self._feeds_lock = threading.Lock()
         self._adopt()
@@ -232,15 +249,17 @@ class CoordinatorActor:
         except ValueError:
             return  # a new fleet: start() creates everything
         self.ranks = handles
-        specs = []
+        states = []
         for rank in range(self.world):
             try:
-                specs.append(ray.get(self.ranks[rank].committed_source.remote(), timeout=30))
+                states.append(ray.get(self.ranks[rank].committed_state.remote(), timeout=30))
             except Exception:  # noqa: BLE001 - a rank we cannot ask gets rebuilt below
-                specs.append(None)
-        known = [s for s in specs if s is not None]
+                pass
+        known = [(spec, fps) for spec, fps in states if spec is not None]
         if known:
-            self._committed = max(known, key=lambda s: _VersionKey(s.version))
+            self._committed, self._fingerprints = max(
+                known, key=lambda k: _VersionKey(k[0].version)
+            )
             self.version = self._committed.version
         self.log.warning(
             "restarted: adopted %d ranks, committed version %s", self.world, self.version
@@ -306,6 +325,7 @@ class CoordinatorActor:
                 endpoints = [self._await_alive(r, deadline) for r in ranks]
                 out = self._phase("setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks)
                 self._nodes.update({rank: info["node"] for rank, info in out.items()})
+                self._pids.update({rank: info["pid"] for rank, info in out.items()})
                 return
             except RankFailed as e:
                 if not e.lost or attempt == attempts:
@@ -346,21 +366,92 @@ class CoordinatorActor:
             ray.kill(self.ranks[rank], no_restart=False)
         self._form_replica(replica)
         if self._committed is not None and self._committed.restorable and not self._cleared:
-            self._load_committed(ranks)
-            self._ok[replica] = True
+            self._load_committed(replica)
 
-    def _load_committed(self, ranks: Sequence[int]) -> None:
-        spec = self._committed
-        if spec is None or not spec.restorable:
-            raise StateError(
-                f"version {self.version} was committed without keeping a copy "
-                "(keep_committed=False): nothing to restore until the next update"
+    def _load_committed(self, replica: int) -> None:
+        """Load the committed version into a replica, verified like an update: each rank's
+        fingerprint must be the one committed, or the replica stays down (RestoreError)."""
+        spec, ranks = self._committed, self._replica_ranks(replica)
+        if self._cleared or spec is None or not spec.restorable:
+            why = (
+                "the fleet was cleared"
+                if self._cleared
+                else (
+                    f"version {self.version} was committed without keeping a copy "
+                    "(keep_committed=False)"
+                )
             )
+            raise RestoreError(f"replica {replica}: nothing to restore: {why}; update it")
         self._phase("restore", lambda a: a.restart.remote(), ranks)
-        self._phase("restore", lambda a: a.load.remote(spec), ranks)
-        self._phase("restore", lambda a: a.verify.remote(self.config.fingerprint), ranks)
+        try:
+            prepared = self._phase("restore", lambda a: a.prepare.remote(spec), ranks)
+        except RankFailed as e:
+            raise RestoreError(
+                f"replica {replica}: the committed source is refused now: {e}"
+            ) from e
+        moved = {
+            r: p.recorded_version
+            for r, p in prepared.items()
+            if p.recorded_version not in (None, spec.version)
+        }
+        if moved:
+            self._phase("restore", lambda a: a.resume.remote(), ranks)
+            raise RestoreError(
+                f"replica {replica}: the committed source now records version(s) {moved}, "
+                f"not {spec.version}"
+            )
+        self._phase("restore", lambda a: a.load.remote(), ranks)
+        want = {r: self._fingerprints.get(r) for r in ranks}
+        check = all(want.values())
+        checks = self._phase(
+            "restore", lambda a: a.verify.remote(check or self.config.fingerprint), ranks
+        )
+        wrong = {
+            r: f"fingerprint {checks[r]['fingerprint']}, committed {want[r]}"
+            for r in ranks
+            if check and checks[r]["fingerprint"] != want[r]
+        }
+        if wrong:
+            raise RestoreError(
+                f"replica {replica}: restored weights differ from version {spec.version} as "
+                f"committed (its source changed since): "
+                + "; ".join(f"rank {r}: {m}" for r, m in wrong.items())
+            )
         keep = self.config.keep_committed
-        self._phase("restore", lambda a: a.commit.remote(keep), ranks)
+        self._phase("restore", lambda a: a.commit.remote(keep, self._fingerprints), ranks)
+        self._ok[replica] = True
+        self._down.pop(replica, None)
+
+    def _replica_down(self, replica: int, error: Exception) -> None:
+        self._ok[replica] = False
+        self._down[replica] = f"{type(error).__name__}: {error}"
+        self.log.error("replica %d is down: %s", replica, self._down[replica])
+
+    def _restarted(self, ranks: Iterable[int]) -> set[int]:
+        """Those of `ranks` that are not the process this coordinator set up: Ray restarted
+        them (a fresh, empty process), or they do not answer."""
+        refs = {r: self.ranks[r].incarnation.remote() for r in ranks}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=10)
+        stale = set()
+        for rank, ref in refs.items():
+            try:
+                pid = ray.get(ref) if ref in ready else None
+            except Exception:  # noqa: BLE001 - dead or restarting
+                pid = None
+            if pid is None or pid != self._pids.get(rank):
+                stale.add(rank)
+        return stale
+
+    def _rebuild_restarted(self, replicas: Iterable[int] | None = None) -> None:
+        """Rebuild the replicas (all, or those given) with a rank Ray restarted while idle."""
+        replicas = range(self.config.dp) if replicas is None else replicas
+        ranks = [r for rep in replicas for r in self._replica_ranks(rep)]
+        for replica in sorted({r // self.config.tp for r in self._restarted(ranks)}):
+            self.log.warning("replica %d has a restarted rank: rebuilding it", replica)
+            try:
+                self._rebuild_replica(replica)
+            except Exception as e:  # noqa: BLE001 - reported in status; the replica stays down
+                self._replica_down(replica, e)
 
     def heal(self) -> dict:
         """Make every replica serve the committed version again, rebuilding where needed."""
@@ -371,20 +462,26 @@ class CoordinatorActor:
             except Exception:  # noqa: BLE001 - dead, restarting or hung: rebuild it
                 statuses[rank] = None
         self._nodes.update({r: st["node"] for r, st in statuses.items() if st is not None})
+        self._pids.update(
+            {r: st["pid"] for r, st in statuses.items() if st is not None and st["set_up"]}
+        )
         for replica in range(self.config.dp):
             states = [statuses[r] for r in self._replica_ranks(replica)]
             alive = all(st is not None and st["set_up"] for st in states)
             if alive and (self._cleared or self.version is None):
                 continue  # up, and nothing is meant to be loaded
             if alive and all(
-                st["weights"] == "NORMAL" and st["version"] == self.version for st in states
+                st["weights"] == "NORMAL"
+                and st["version"] == self.version
+                and st["fingerprint"] == self._fingerprints.get(st["rank"])
+                for st in states
             ):
                 self._ok[replica] = True
                 continue
             try:
                 self._rebuild_replica(replica)
             except Exception as e:  # noqa: BLE001 - reported; the replica stays down
-                self.log.error("replica %d could not be rebuilt: %s", replica, e)
+                self._replica_down(replica, e)
         return {"version": self.version, "replicas_serving": list(self._ok)}
 
     # --- phases --------------------------------------------------------------------------
@@ -395,32 +492,40 @@ class CoordinatorActor:
         call: Callable,
         ranks: Iterable[int] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        fail_fast: bool = False,
     ) -> dict:
         """Run `call(actor)` on the ranks and join them: the barrier of one phase.
 
         `on_failure(reason)` runs as soon as one rank fails, while the others still run
-        (a pipelined load closes its feed, so ranks waiting for buckets stop at once).
+        (a pipelined load closes its feed, so ranks waiting for buckets stop at once). With
+        `fail_fast`, the first failure ends the wait: the ranks still running (in a
+        collective with the failed one, most likely) are reported lost.
         """
         ranks = list(range(self.world)) if ranks is None else list(ranks)
         refs = {rank: call(self.ranks[rank]) for rank in ranks}
         timeout = self.config.phase_timeout_s
-        if on_failure is None:
+        stop = False  # a rank failed and fail_fast: the others are abandoned
+        if on_failure is None and not fail_fast:
             _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         else:
+            on_failure = on_failure or (lambda reason: None)
             pending, rank_of = list(refs.values()), {ref: r for r, ref in refs.items()}
             deadline = time.monotonic() + timeout
-            while pending and (left := deadline - time.monotonic()) > 0:
+            while pending and not stop and (left := deadline - time.monotonic()) > 0:
                 done, pending = ray.wait(pending, num_returns=1, timeout=left)
                 for ref in done:
                     try:
                         ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - reported below, with the rest
                         on_failure(f"rank {rank_of[ref]} failed in {name}: {type(e).__name__}")
+                        stop = fail_fast
         pending = set(pending)
         results, failures, errors, lost = {}, {}, {}, set()
         for rank, ref in refs.items():
             if ref in pending:
-                failures[rank] = f"no answer within {timeout:g}s"
+                failures[rank] = (
+                    "abandoned: a peer failed first" if stop else f"no answer within {timeout:g}s"
+                )
                 lost.add(rank)
                 continue
             try:
@@ -432,7 +537,7 @@ class CoordinatorActor:
             except _LOST as e:
                 failures[rank] = f"rank actor died: {type(e).__name__}"
                 lost.add(rank)
-        if pending:
+        if pending and not stop:
             # A sync actor's running task cannot be interrupted: the slow ranks are `lost`,
             # and rebuilding their replica restarts those processes.
             raise PhaseTimeout(name, failures, errors, lost)
@@ -492,14 +597,18 @@ class CoordinatorActor:
         version: str,
         force: bool = False,
         trainer_node: str | None = None,
+        trainer: ProcessRef | None = None,
     ) -> UpdateReport:
         """Load the update the trainer feeds under `uid`.
 
         With `announced` (every tensor's name, full shape and dtype), ranks check it before
         the first write and write buckets as they arrive. Without, the update is gathered
-        first (every bucket put), then checked whole before anything is written.
+        first (every bucket put), then checked whole before anything is written. While the
+        feed is open, `trainer` is watched: its death closes the feed within a second.
         """
         feed = self._feed(uid)
+        if trainer is not None:
+            threading.Thread(target=self._watch_trainer, args=(feed, trainer), daemon=True).start()
         try:
             if announced is None:
                 metas, refs = feed.wait_all(self.config.phase_timeout_s)
@@ -524,6 +633,19 @@ class CoordinatorActor:
         finally:
             feed.close("the update ended")
 
+    @staticmethod
+    def _watch_trainer(feed: _Feed, trainer: ProcessRef) -> None:
+        """Close `feed` as soon as the trainer feeding it is dead: ranks waiting for its next
+        bucket stop at once instead of at the phase timeout."""
+        while not feed.wait_closed(TRAINER_POLL_S):
+            try:
+                alive = is_alive(trainer)
+            except Exception:  # noqa: BLE001 - the GCS did not answer: ask again
+                continue
+            if not alive:
+                feed.close(f"the trainer ({trainer}) died")
+                return
+
     def update_snapshot(
         self, folder: str, version: str | None, force: bool = False
     ) -> UpdateReport:
@@ -532,10 +654,13 @@ class CoordinatorActor:
     def _transaction(
         self, spec: SourceSpec, feed: _Feed | None = None, force: bool = False
     ) -> UpdateReport:
+        """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
         if not self.ranks:
             raise StateError("the fleet has no ranks: call start() first")
         phase_s: dict[str, float] = {}
         start = time.perf_counter()
+        everyone = set(range(self.world))
+        close_feed = feed.close if spec.kind == "stream" else None
 
         def timed(name, call, on_failure=None):
             t = time.perf_counter()
@@ -543,48 +668,51 @@ class CoordinatorActor:
             phase_s[name] = time.perf_counter() - t
             return out
 
-        # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml).
+        # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml);
+        # a replica whose rank Ray restarted while idle is rebuilt first.
         if spec.version is not None:
             validate_version(spec.version)
             self._check_newer(spec.version, force)
-        wrote = False
+        self._rebuild_restarted()
+        # 2. prepare: every rank checks everything it can know before writing; nothing
+        # pauses, enters a collective or writes until every rank said yes. A refusal costs
+        # the checks and changes nothing.
+        after = self._committed is not None and self._committed.restorable and not self._cleared
         try:
-            # 2. pause: stop serving, drop requests and caches.
+            prepared = timed("prepare", lambda a: a.prepare.remote(spec, after), close_feed)
+            loaded = self._agreed_version(spec, prepared, force)
+        except Exception as e:
+            self._abort(e, touched=set())
+            raise
+        spec = spec.with_version(loaded)
+        touched: set[int] = set()  # ranks whose weights may no longer be the committed ones
+        try:
+            # 3. pause: stop serving, drop requests and caches.
             timed("pause", lambda a: a.pause.remote())
-            # 3. clear (in-place mode only): free weights and KV cache to make room.
+            # 4. clear (in-place mode only): free weights and KV cache to make room.
             if self.config.clear_before_load:
-                wrote = True
+                touched = everyone
                 timed("clear", lambda a: a.clear.remote())
-            # 4. restart: comm groups and EP buffer come back if they were torn down.
+            # 5. restart: comm groups and EP buffer come back if they were torn down.
             timed("restart", lambda a: a.restart.remote())
-            # 5. load: every rank checks everything, then writes its slice. With a committed
-            # version to roll back to, checksums are taken of the written bytes instead (one
-            # read of the source, not two); a mismatch then aborts and restores.
-            after = self._committed is not None and self._committed.restorable
+            # 6. load: ranks write what they checked. A rank that fails before its first
+            # write raises its error as it is; one that wrote raises PartialUpdateError.
             try:
                 reports: dict[int, LoadReport] = timed(
-                    "load",
-                    lambda a: a.load.remote(spec, after and not self._cleared),
-                    on_failure=feed.close if spec.kind == "stream" else None,
+                    "load", lambda a: a.load.remote(), close_feed
                 )
-            except Exception as e:
-                # Nothing was written only if every rank refused before writing.
-                refused = e.errors if isinstance(e, RankFailed) else {}
-                wrote |= len(refused) < self.world or not all(
-                    isinstance(err, REFUSED_BEFORE_WRITE) for err in refused.values()
-                )
+            except RankFailed as e:
+                touched = touched | {
+                    r
+                    for r in everyone
+                    if r not in e.failures or isinstance(e.errors.get(r), PartialUpdateError)
+                }
                 raise
-            wrote = True
-            versions = {r.version for r in reports.values()}
-            if len(versions) != 1:
-                raise VerificationError(f"ranks loaded different versions: {sorted(versions)}")
-            loaded = versions.pop()
-            if spec.version is None:
-                self._check_newer(loaded, force)
+            touched = everyone
             expected = feed.expected if feed is not None else None
             if spec.kind == "stream":  # what the ranks received, to restore it later
                 spec = SourceSpec("buckets", loaded, feed.metas(), feed.refs())
-            # 6. verify: every parameter loaded, fingerprints as the trainer computed them.
+            # 7. verify: every parameter loaded, fingerprints as the trainer computed them.
             fp = self.config.fingerprint or bool(expected)
             checks = timed("verify", lambda a: a.verify.remote(fp))
             fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
@@ -595,16 +723,17 @@ class CoordinatorActor:
             }
             if wrong:
                 raise RankFailed("verify", wrong)
-            # 7. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.
+            # 8. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.
             keep = self.config.keep_committed
-            timed("commit", lambda a: a.commit.remote(keep))
+            timed("commit", lambda a: a.commit.remote(keep, fingerprints))
         except Exception as e:
-            self._abort(e, wrote)
+            self._abort(e, touched)
             raise
-        committed = spec.with_version(loaded)
         self.version = loaded
-        self._committed = committed if self.config.keep_committed else committed.without_data()
+        self._committed = spec if self.config.keep_committed else spec.without_data()
+        self._fingerprints = fingerprints
         self._ok = [True] * self.config.dp
+        self._down.clear()
         self._cleared = False
         report = UpdateReport(
             version=loaded,
@@ -622,6 +751,31 @@ class CoordinatorActor:
         )
         return report
 
+    def _agreed_version(
+        self, spec: SourceSpec, prepared: dict[int, PrepareReport], force: bool
+    ) -> str:
+        """The version the update loads: the one given, or the one every rank's source
+        records. A source recording another version than the one given is stale."""
+        recorded = {r: p.recorded_version for r, p in prepared.items()}
+        where = f" in {spec.folder}" if spec.folder else ""
+        if spec.version is None:
+            found = set(recorded.values())
+            if len(found) != 1 or None in found:
+                raise VersionError(
+                    f"the ranks' sources{where} record different versions: {recorded}"
+                )
+            loaded = found.pop()
+            self._check_newer(loaded, force)
+            return loaded
+        stale = {r: v for r, v in recorded.items() if v is not None and v != spec.version}
+        if stale and not force:
+            raise VersionError(
+                f"the update is version {spec.version!r} but its source{where} records "
+                f"{sorted(set(stale.values()))} (version.yaml): a stale or reused folder; "
+                "pass force=True to load it as the given version anyway"
+            )
+        return spec.version
+
     def _check_newer(self, version: str, force: bool) -> None:
         if not force and not is_newer(version, self.version):
             raise VersionError(
@@ -629,31 +783,30 @@ class CoordinatorActor:
                 "(pass force=True to load it anyway)"
             )
 
-    def _abort(self, error: Exception, wrote: bool) -> None:
-        """Put every rank back on the committed version (or leave it not serving)."""
+    def _abort(self, error: Exception, touched: set[int]) -> None:
+        """Put every replica back on the committed version: a replica that lost a rank is
+        rebuilt, one whose ranks wrote nothing just resumes, the others are restored (and
+        checked against the committed fingerprints); a replica that cannot be stays down,
+        its reason in `status`."""
         self.log.warning("update aborted: %s", error)
         lost = error.lost if isinstance(error, RankFailed) else frozenset()
-        broken = sorted({r // self.config.tp for r in lost})
         for replica in range(self.config.dp):
             ranks = self._replica_ranks(replica)
             try:
-                if replica in broken:
+                if lost.intersection(ranks):
                     self._rebuild_replica(replica)
-                elif not wrote:
+                elif not touched.intersection(ranks):
                     self._phase("resume", lambda a: a.resume.remote(), ranks)
-                elif self._committed is None or not self._committed.restorable or self._cleared:
-                    self._ok[replica] = False
-                    self.log.error("replica %d: no committed version to restore", replica)
                 else:
-                    self._load_committed(ranks)
-                    self._ok[replica] = True
+                    self._load_committed(replica)
             except Exception as e:  # noqa: BLE001 - the caller gets the original error
-                self.log.error("replica %d: restoring failed (%s); rebuilding it", replica, e)
+                self._replica_down(replica, e)
+                if isinstance(e, RestoreError):
+                    continue  # the committed source changed: rebuilding cannot help
                 try:
                     self._rebuild_replica(replica)
                 except Exception as e2:  # noqa: BLE001
-                    self._ok[replica] = False
-                    self.log.error("replica %d stays down: %s", replica, e2)
+                    self._replica_down(replica, e2)
 
     def clear(self) -> None:
         """Free every rank's weights and KV cache; the fleet stops serving until an update."""
@@ -668,20 +821,30 @@ class CoordinatorActor:
     ) -> list[GenerationResult]:
         """Run on every TP rank of one replica at once; results carry their version.
 
-        A replica that lost a rank is rebuilt (loading the committed version) and the request
-        is tried once more.
+        A replica with a rank Ray restarted (or that dies during the request) is rebuilt,
+        loading the committed version, and the request runs there again (or once more).
         """
         for attempt in (0, 1):
             chosen = self._pick_replica(replica)
             ranks = self._replica_ranks(chosen)
+            if self._restarted(ranks):
+                self._rebuild_restarted([chosen])
+                chosen = self._pick_replica(replica)
+                ranks = self._replica_ranks(chosen)
             try:
                 out = self._phase(
-                    "generate", lambda a: a.generate.remote(prompts, max_new_tokens), ranks
+                    "generate",
+                    lambda a: a.generate.remote(prompts, max_new_tokens),
+                    ranks,
+                    fail_fast=True,
                 )
             except RankFailed as e:
                 if not e.lost or attempt:
                     raise
-                self._rebuild_replica(chosen)
+                try:
+                    self._rebuild_replica(chosen)
+                except Exception as e2:  # noqa: BLE001 - try another replica, if any serves
+                    self._replica_down(chosen, e2)
                 continue
             versions = {o["version"] for o in out.values()}
             if len(versions) != 1:
@@ -719,11 +882,21 @@ class CoordinatorActor:
                 ranks.append(ray.get(actor.status.remote(), timeout=10))
             except Exception as e:  # noqa: BLE001 - a dead rank is part of the answer
                 ranks.append({"rank": rank, "error": f"{type(e).__name__}"})
+        # A rank Ray restarted since it was set up holds nothing: its replica does not serve
+        # until the next request or update rebuilds it.
+        serving, down = list(self._ok), dict(self._down)
+        for rank, st in enumerate(ranks):
+            if st.get("pid") != self._pids.get(rank) or not st.get("set_up"):
+                replica = rank // self.config.tp
+                if serving[replica]:
+                    down[replica] = f"rank {rank} is not the process set up (restarted or dead)"
+                serving[replica] = False
         return {
             "name": self.config.name,
             "version": self.version,
-            "serving": any(self._ok),
-            "replicas_serving": list(self._ok),
+            "serving": any(serving),
+            "replicas_serving": serving,
+            "replica_errors": down,
             "dp": self.config.dp,
             "tp": self.config.tp,
             "keep_committed": self.config.keep_committed,

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,11 +23,11 @@ from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.errors import REFUSED_BEFORE_WRITE, StateError
+from fd_ray_sync.errors import PartialUpdateError, StateError, VersionError
 from fd_ray_sync.log import get_logger
-from fd_ray_sync.manager import DynamicWeightManager
+from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
-from fd_ray_sync.messages import LoadReport, TensorMeta
+from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
 from fd_ray_sync.sources.base import WeightSource
 from fd_ray_sync.sources.object_store import BucketStreamSource, ObjectStoreSource
 from fd_ray_sync.sources.snapshot import SnapshotSource
@@ -92,7 +93,9 @@ class WeightManagerActor:
         self.endpoint = _free_endpoint()
         self._fingerprint: str | None = None
         self._pending: SourceSpec | None = None
+        self._prepared: tuple[SourceSpec, PreparedLoad] | None = None
         self.committed: SourceSpec | None = None
+        self.committed_fingerprints: dict[int, str | None] = {}
         self._watch: AnonPeak | None = None
 
     # --- setup ---------------------------------------------------------------------------
@@ -141,22 +144,55 @@ class WeightManagerActor:
         m = self._manager()
         return m.restart_communication_group() + m.recreate_ep_buffer()
 
-    def load(self, spec: SourceSpec, check_after_write: bool = False) -> LoadReport:
-        """Check, then write this rank's slice of `spec`'s weights (or check after writing,
-        when the coordinator can roll back: see DynamicWeightManager.load_weights)."""
+    def prepare(self, spec: SourceSpec, check_after_write: bool = False) -> PrepareReport:
+        """Open `spec`'s source and check everything about it that can be known before
+        writing; nothing changes and the rank keeps serving. The coordinator lets ranks
+        write (`load`) only once every rank said yes here.
+
+        With `check_after_write` (the coordinator can roll back), checksums are taken of the
+        written bytes instead of reading the source twice (see DynamicWeightManager)."""
+        self._discard()
+        source = self._open(spec)
         try:
-            source = self._open(spec)
-            report = self._manager().update_parameters(source, spec.version, check_after_write)
-        except REFUSED_BEFORE_WRITE:
-            raise  # nothing was written: the weights and their fingerprint still stand
-        except Exception:
+            try:
+                recorded = source.version()
+            except VersionError:
+                if spec.version is None:
+                    raise  # no version given, and the source names none
+                recorded = None
+            prepared = self._manager().prepare_load(
+                source, spec.version or recorded, check_after_write
+            )
+        except BaseException:
+            source.close()
+            raise
+        self._prepared = (spec, prepared)
+        return PrepareReport(rank=self.rank, recorded_version=recorded, sync_s=prepared.sync_s)
+
+    def load(self) -> LoadReport:
+        """Write the source `prepare` checked. A failure before the first write leaves the
+        weights as they were (the error as it is); after it, PartialUpdateError."""
+        if self._prepared is None:
+            raise StateError(f"rank {self.rank}: load without a prepared source")
+        (spec, prepared), self._prepared = self._prepared, None
+        try:
+            report = self._manager().write_prepared(prepared)
+        except PartialUpdateError:
             self._fingerprint = None
             raise
+        self._engine().alloc_kv_cache()
         self._fingerprint = None
+        source = prepared.source
         if isinstance(source, BucketStreamSource):  # the data is now known bucket by bucket
             spec = SourceSpec("buckets", spec.version, tuple(source.metas), tuple(source.refs))
         self._pending = spec.with_version(report.version)
         return report
+
+    def _discard(self) -> None:
+        """Close a prepared source that will not be loaded (the update was refused)."""
+        if self._prepared is not None:
+            self._prepared[1].source.close()
+            self._prepared = None
 
     def _open(self, spec: SourceSpec) -> WeightSource:
         if spec.kind == "buckets":
@@ -186,16 +222,21 @@ class WeightManagerActor:
         version = self._pending.version if self._pending else None
         return {"rank": self.rank, "version": version, "fingerprint": self._fingerprint}
 
-    def commit(self, keep: bool = True) -> None:
+    def commit(self, keep: bool = True, fingerprints: dict[int, str | None] | None = None) -> None:
+        """Serve the loaded version. `fingerprints` (every rank's, as verified) are kept with
+        it: a restarted coordinator checks restores against them."""
         self._manager().finalize_update()
         pending = self._pending
         if pending is not None and not keep:
             pending = pending.without_data()
-        self.committed, self._pending = pending, None
+        if pending is not None:
+            self.committed, self.committed_fingerprints = pending, dict(fingerprints or {})
+        self._pending = None
 
     def resume(self) -> None:
-        """Serve again after an update that changed nothing (refused before any write)."""
+        """Serve again after an update that changed nothing on this rank."""
         m = self._manager()
+        self._discard()
         self._pending = None
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()
@@ -231,8 +272,31 @@ class WeightManagerActor:
         }
 
     @ray.method(concurrency_group="status")
-    def committed_source(self) -> SourceSpec | None:
-        return self.committed
+    def committed_state(self) -> tuple[SourceSpec | None, dict[int, str | None]]:
+        """The committed version's source and every rank's fingerprint of it."""
+        return self.committed, self.committed_fingerprints
+
+    @ray.method(concurrency_group="status")
+    def incarnation(self) -> int | None:
+        """This process's pid once it is set up (None before): a rank Ray restarted comes
+        back as a new, empty process."""
+        return os.getpid() if self.manager is not None else None
+
+    @ray.method(concurrency_group="status")
+    def hold_after_writes(self, count: int, marker: str) -> None:
+        """Fault-test hook: in the next load, after `count` parameters are written, create
+        the file `marker` and hang there (a test then kills this process mid-write)."""
+        written = 0
+
+        def hold(name: str) -> None:
+            nonlocal written
+            written += 1
+            if written == count:
+                with open(marker, "w") as f:
+                    f.write(name)
+                threading.Event().wait()
+
+        self._manager().on_write = hold
 
     @ray.method(concurrency_group="status")
     def memory(self) -> dict:

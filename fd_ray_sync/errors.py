@@ -41,6 +41,11 @@ class PartialUpdateError(WeightSyncError, RuntimeError):
     """An update failed after it had started writing: this rank now holds mixed weights."""
 
 
+class RestoreError(WeightSyncError, RuntimeError):
+    """The committed version could not be put back as it was committed (its source is gone,
+    changed, or was never kept): that replica stays down until the next update."""
+
+
 class RankFailed(WeightSyncError):
     """One or more ranks failed a phase.
 
@@ -70,7 +75,3 @@ class RankFailed(WeightSyncError):
 
 class PhaseTimeout(RankFailed, TimeoutError):
     """A phase did not finish on every rank within its timeout (the slow ranks are `lost`)."""
-
-
-# Raised by a rank before it writes a byte: the weights it had still stand.
-REFUSED_BEFORE_WRITE = (WeightMismatchError, SnapshotError, VersionError)

@@ -28,7 +28,7 @@ from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
 from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
-from fd_ray_sync.ray_stats import local_store_room
+from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.sharding import REPLICATED, ShardSpec
 from fd_ray_sync.tensors import shape_and_dtype
 from fd_ray_sync.version import validate_version
@@ -158,6 +158,7 @@ class Fleet:
             version,
             force,
             ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
+            ProcessRef.here(),  # watched while the update runs: its death aborts it at once
         )
         refs, fed, count, waiting = [], [], 0, None
         room = _StoreRoom()

@@ -10,16 +10,14 @@ poll.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from fd_ray_sync.checksum import combine_digests, crc32, fingerprint, tensor_digest
 from fd_ray_sync.config import LoadConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import (
-    REFUSED_BEFORE_WRITE,
     ChecksumError,
     PartialUpdateError,
     StateError,
@@ -33,7 +31,7 @@ from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
 from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.sources.memory import StateDictSource
 from fd_ray_sync.status import WEIGHT_TRANSITIONS, KVCacheStatus, ModelWeightsStatus
-from fd_ray_sync.tensors import FLOAT_DTYPES, element_strides
+from fd_ray_sync.tensors import all_finite, element_strides
 from fd_ray_sync.version import read_version_file, validate_version
 
 
@@ -53,6 +51,9 @@ class DynamicWeightManager:
         self.params: dict[str, Any] = self._capture(engine.models())
         # Checksums of the parameters' bytes as the last load wrote them (see load_weights).
         self._crcs: dict[str, int] = {}
+        # Called with each parameter's name right after it is written (fault tests hold a
+        # rank mid-write with it, then kill it).
+        self.on_write: Callable[[str], None] | None = None
 
     # --- state ---------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class DynamicWeightManager:
         if shutdown_comm_groups:
             self.groups.shutdown()
         self._set_status(ModelWeightsStatus.CLEARED)
+        _empty_device_cache()
         seconds = time.perf_counter() - start
         self.log.info("cleared parameters in %.3fs", seconds)
         return seconds
@@ -194,11 +196,18 @@ class DynamicWeightManager:
     def load_weights(
         self, source: WeightSource, version: str | None = None, check_after_write: bool = False
     ) -> LoadReport:
-        """Check everything `source` will deliver, then write it into the parameters.
+        """`prepare_load` then `write_prepared`: check everything, then write it."""
+        return self.write_prepared(self.prepare_load(source, version, check_after_write))
 
-        Nothing is written unless every name the model has is present with the right shape
-        and dtype, every checksum matches and (when on) every value is finite. Names the model
-        lacks are skipped. Without `version`, the source's own (version.yaml) is used.
+    def prepare_load(
+        self, source: WeightSource, version: str | None = None, check_after_write: bool = False
+    ) -> PreparedLoad:
+        """Check everything `source` will deliver, changing nothing (the rank keeps serving).
+
+        Every name the model has must be present with the right shape and dtype, and no
+        other name; every checksum must match and (when on) every value be finite. Without
+        `version`, the source's own (version.yaml) is used. The fleet runs this on every
+        rank first and writes only once every rank said yes.
 
         `check_after_write` moves the checksum check after the write: each parameter's bytes
         are checksummed once, where they landed, instead of reading the source twice. Only
@@ -207,28 +216,40 @@ class DynamicWeightManager:
         """
         start = time.perf_counter()
         version = validate_version(version) if version is not None else source.version()
+        streaming = source.streaming
+        manifest = source.manifest()
+        wanted = self._check_manifest(manifest, source.name)
+        expected = {n: manifest[n].crc32 for n in wanted}
+        check_after_write &= self.load.verify_checksum and (
+            streaming or None not in expected.values()
+        )
+        # A streaming source's data is not there yet: its chunks are checked one by one.
+        if self.load.verify_checksum and not check_after_write and not streaming:
+            source.verify()
+        if self.load.check_finite and not streaming:
+            self._check_finite(source.chunks(), wanted)
+        return PreparedLoad(
+            source, version, wanted, expected, check_after_write, time.perf_counter() - start
+        )
+
+    def write_prepared(self, prepared: PreparedLoad) -> LoadReport:
+        """Write a prepared source into the parameters (status UPDATING meanwhile).
+
+        A failure before the first parameter was touched re-raises as it is, the old weights
+        (and status) standing; after it, PartialUpdateError: this rank holds mixed weights.
+        """
+        source, wanted, check_after_write = (
+            prepared.source,
+            prepared.wanted,
+            prepared.check_after_write,
+        )
+        expected, streaming = prepared.expected, source.streaming
+        start = time.perf_counter()
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
         self._crcs = {}
-        streaming = source.streaming
-        try:
-            manifest = source.manifest()
-            wanted = self._check_manifest(manifest, source.name)
-            expected = {n: manifest[n].crc32 for n in wanted}
-            check_after_write &= self.load.verify_checksum and (
-                streaming or None not in expected.values()
-            )
-            # A streaming source's data is not there yet: its chunks are checked one by one.
-            if self.load.verify_checksum and not check_after_write and not streaming:
-                source.verify()
-            if self.load.check_finite and not streaming:
-                self._check_finite(source.chunks(), wanted)
-        except Exception:
-            self._status = previous  # nothing was written: the old weights still stand
-            raise
-        sync_s = time.perf_counter() - start
-
-        written = nbytes = 0
+        crcs: dict[str, int] = {}
+        touched = written = nbytes = 0
         try:
             for label, chunk in source.chunks():
                 if streaming:
@@ -237,8 +258,8 @@ class DynamicWeightManager:
                     if self.load.check_finite:
                         self._check_finite([(label, chunk)], wanted)
                 for name, (array, dtype) in chunk.items():
-                    if name not in wanted:
-                        continue
+                    if name not in wanted:  # sources check this; a new one might not
+                        raise WeightMismatchError(f"{label}: {name!r} was not in the manifest")
                     param = self.params[name]
                     if param._is_initialized() and _layout(element_strides(array)) != _layout(
                         param.stride()
@@ -250,8 +271,11 @@ class DynamicWeightManager:
                             element_strides(array),
                             param.stride(),
                         )
+                    touched += 1
                     write_param(param, array, dtype)
                     written += 1
+                    if self.on_write is not None:
+                        self.on_write(name)
                     nbytes += array.nbytes
                     if check_after_write:
                         got = crc32(read_param(param))
@@ -260,27 +284,30 @@ class DynamicWeightManager:
                             raise ChecksumError(
                                 f"{label}: parameter {name!r} does not match its checksum"
                             )
-                        self._crcs[name] = got
+                        crcs[name] = got
                 self.log.debug("wrote %s", label)
         except Exception as e:
-            if not written and isinstance(e, REFUSED_BEFORE_WRITE):
-                self._status = previous  # a streamed chunk refused before the first write
+            if not touched:
+                self._status = previous  # nothing was written: the old weights still stand
                 raise
+            self._crcs = {}
             raise PartialUpdateError(
                 f"rank {self.rank}: {source.name} update failed after writing {written} of "
                 f"{len(wanted)} parameters: {type(e).__name__}: {e}"
             ) from e
         finally:
             source.close()  # files and mappings go, whatever happened
-        total_s = time.perf_counter() - start
-        self.version = version
+        self._crcs = crcs
+        _empty_device_cache()  # the old weights' blocks, where a load reallocated them
+        update_s = time.perf_counter() - start
+        self.version = prepared.version
         report = LoadReport(
             rank=self.rank,
-            version=version,
+            version=prepared.version,
             source=source.name,
-            sync_s=sync_s,
-            update_s=total_s - sync_s,
-            total_s=total_s,
+            sync_s=prepared.sync_s,
+            update_s=update_s,
+            total_s=prepared.sync_s + update_s,
             nbytes=nbytes,
             params_updated=written,
         )
@@ -290,21 +317,27 @@ class DynamicWeightManager:
             len(self.params),
             nbytes / 1e6,
             source.name,
-            version,
-            total_s,
+            prepared.version,
+            report.total_s,
         )
         return report
 
     def _check_manifest(self, manifest: Mapping[str, TensorMeta], src: str) -> set[str]:
-        """The names to write; raises WeightMismatchError naming every bad parameter."""
+        """The names to write; raises WeightMismatchError naming every bad parameter.
+
+        A name the model lacks is refused too: writing the rest would commit weights that
+        are not what the trainer meant to send (a renamed or misspelled parameter).
+        """
         if not manifest:
             raise WeightMismatchError(f"no parameter found in the {src} source")
         problems = []
         wanted = set()
+        unknown = sorted(set(manifest) - set(self.params))
+        if unknown:
+            problems.append(f"not in the model: {_some(unknown)}")
         for name, meta in manifest.items():
             param = self.params.get(name)
             if param is None:
-                self.log.debug("ignoring %s parameter the model lacks: %s", src, name)
                 continue
             if meta.dtype != param_dtype(param):
                 problems.append(f"{name}: dtype {meta.dtype}, model has {param_dtype(param)}")
@@ -315,10 +348,7 @@ class DynamicWeightManager:
             wanted.add(name)
         missing = sorted(set(self.params) - set(manifest))
         if missing:
-            shown = ", ".join(missing[:5]) + (
-                f" and {len(missing) - 5} more" if missing[5:] else ""
-            )
-            problems.append(f"missing from the update: {shown}")
+            problems.append(f"missing from the update: {_some(missing)}")
         if problems:
             raise WeightMismatchError(
                 f"rank {self.rank}: {src} update does not fit the model: " + "; ".join(problems)
@@ -328,9 +358,8 @@ class DynamicWeightManager:
     def _check_finite(self, chunks: Iterable[tuple[str, Chunk]], wanted: set[str]) -> None:
         for label, chunk in chunks:
             for name, (array, dtype) in chunk.items():
-                if name in wanted and dtype in FLOAT_DTYPES and dtype != "bfloat16":
-                    if not np.isfinite(array).all():
-                        raise WeightMismatchError(f"{name} (from {label}) holds NaN or Inf")
+                if name in wanted and not all_finite(array, dtype):
+                    raise WeightMismatchError(f"{name} (from {label}) holds NaN or Inf")
 
     @staticmethod
     def _check_checksums(label: str, chunk: Chunk, source: WeightSource) -> None:
@@ -395,6 +424,31 @@ class DynamicWeightManager:
                 gpu_max_allocated_gb=cuda.max_memory_allocated() / 2**30,
             )
         return stats
+
+
+@dataclass
+class PreparedLoad:
+    """A source every check passed on (`prepare_load`), ready for `write_prepared`."""
+
+    source: WeightSource
+    version: str
+    wanted: set[str]
+    expected: dict[str, int | None]  # name -> checksum of this rank's bytes, where known
+    check_after_write: bool
+    sync_s: float  # seconds the checks took
+
+
+def _empty_device_cache() -> None:
+    """Hand the device allocator's free blocks back (FastDeploy does this after clearing
+    and reloading); nothing to do on CPU."""
+    import paddle
+
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.device.cuda.empty_cache()
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if names[5:] else "")
 
 
 def _layout(strides) -> list[int]:

@@ -25,6 +25,16 @@ class TensorMeta(_Message):
     )
 
 
+class PrepareReport(_Message):
+    """One rank's yes to an update: every check it could make before writing passed."""
+
+    rank: int
+    recorded_version: str | None = Field(
+        description="The version the source itself records (a snapshot's version.yaml)."
+    )
+    sync_s: float = Field(description="Seconds the checks took.")
+
+
 class LoadReport(_Message):
     """One rank's account of one load (FastDeploy's update_weights_by_rdma return value)."""
 

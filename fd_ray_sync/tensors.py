@@ -114,6 +114,17 @@ def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.view(want)
 
 
+def all_finite(array: np.ndarray, dtype: str) -> bool:
+    """True unless a float tensor holds NaN or Inf (bfloat16 read from its bits: an
+    exponent of all ones)."""
+    if dtype == "bfloat16":
+        exponent = np.bitwise_and(as_storage(array, dtype), np.uint16(0x7F80))
+        return not (exponent == 0x7F80).any()
+    if dtype in FLOAT_DTYPES:
+        return bool(np.isfinite(array).all())
+    return True
+
+
 def element_strides(array: np.ndarray) -> list[int]:
     """Strides in elements (paddle's `Tensor.stride()` convention)."""
     return [s // array.itemsize for s in array.strides]

@@ -4,6 +4,7 @@ buckets. After each, the fleet serves its last committed version on every rank."
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -104,15 +105,30 @@ def test_a_rank_killed_between_updates_comes_back_with_the_committed_version(fle
     assert_serves(fleet, state, 1)
 
 
-def test_a_rank_killed_during_an_update_aborts_it_everywhere(fleet):
+def test_a_rank_killed_mid_write_aborts_the_update_everywhere(fleet, tmp_path):
     state = init_full_state_dict(TINY, seed=2)
     fleet.update(state, version=2)
     victim = fleet.status()["ranks"][0]
-    big = {n: a for n, a in init_full_state_dict(TINY, seed=3).items()}
-    os.kill(victim["pid"], signal.SIGKILL)  # dies before (or while) the update reaches it
-    with pytest.raises(RankFailed) as err:
-        fleet.update(big, version=3)
-    assert 0 in err.value.lost
+    rank0 = ray.get(fleet.coordinator.rank_handles.remote())[0]
+    marker = tmp_path / "mid-write"
+    ray.get(rank0.hold_after_writes.remote(5, str(marker)))  # rank 0 stops after 5 writes
+    errors = []
+
+    def push():
+        try:
+            fleet.update(init_full_state_dict(TINY, seed=3), version=3)
+        except RankFailed as e:
+            errors.append(e)
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "rank 0 never reached its fifth write"
+        time.sleep(0.05)
+    os.kill(victim["pid"], signal.SIGKILL)  # half of its weights are new now
+    pusher.join(timeout=60)
+    assert errors and errors[0].phase == "load" and 0 in errors[0].lost
     assert_serves(fleet, state, 2)
 
 

@@ -45,7 +45,7 @@ def test_update_reaches_every_rank_with_the_trainers_fingerprints(fleet):
     state = init_full_state_dict(TINY, seed=1)
     report = fleet.update(state, version=1)
     assert report.version == "1"
-    assert set(report.phase_s) == {"pause", "restart", "load", "verify", "commit"}
+    assert set(report.phase_s) == {"prepare", "pause", "restart", "load", "verify", "commit"}
     assert report.nbytes == sum(a.nbytes for a in state.values())
     assert [r.rank for r in report.ranks] == [0, 1]
     status = fleet.status()
@@ -77,7 +77,7 @@ def test_refused_updates_leave_the_fleet_serving_its_version(fleet):
     bad["lm_head.weight"] = bad["lm_head.weight"][:, :100]
     with pytest.raises(RankFailed, match="lm_head.weight: shape") as err:
         fleet.update(bad, version=11)
-    assert err.value.phase == "load" and sorted(err.value.errors) == [0, 1]
+    assert err.value.phase == "prepare" and sorted(err.value.errors) == [0, 1]
     assert all(isinstance(e, WeightMismatchError) for e in err.value.errors.values())
     after = fleet.status()
     assert after["version"] == "10" and after["serving"]

@@ -18,6 +18,7 @@ from fd_ray_sync.errors import (
     WeightMismatchError,
 )
 from fd_ray_sync.manager import DynamicWeightManager
+from fd_ray_sync.params import read_param
 from fd_ray_sync.sharding import ShardSpec
 from fd_ray_sync.sources.snapshot import SnapshotSource, write_rank_snapshot
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
@@ -153,13 +154,15 @@ def test_initialized_parameters_are_written_in_place(manager):
     np.testing.assert_array_equal(alias.numpy(), new["enc.weight"])
 
 
-def test_names_the_model_lacks_are_skipped_with_a_debug_log(manager, caplog):
+def test_a_name_the_model_lacks_is_refused_by_name_before_any_write(manager):
+    before = {n: read_param(p).copy() for n, p in manager.params.items()}
     new = _shifted(manager)
     new["not.in.model"] = np.ones(3, np.float32)
-    with caplog.at_level(logging.DEBUG, logger="fd_ray_sync.manager"):
-        report = manager.update_from_state_dict(new, version="1")
-    assert report.params_updated == 4
-    assert "not.in.model" in caplog.text
+    with pytest.raises(WeightMismatchError, match="not in the model: not.in.model"):
+        manager.update_from_state_dict(new, version="1")
+    assert manager.status == ModelWeightsStatus.NORMAL
+    for name, param in manager.params.items():
+        np.testing.assert_array_equal(read_param(param), before[name])
 
 
 @pytest.mark.parametrize(
