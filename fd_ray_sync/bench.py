@@ -37,6 +37,7 @@ from fd_ray_sync.engine.synthetic import (
 from fd_ray_sync.memwatch import AnonPeak, Peak, memory_now
 from fd_ray_sync.ray_stats import object_store_bytes_used
 from fd_ray_sync.sharding import take_shard
+from fd_ray_sync.tensors import contiguous
 
 GB = 1e9
 # Two warm-up runs: with the rollback copy kept, the second update is the first to touch a
@@ -212,7 +213,7 @@ class _PlainRank:
         """Naive Ray: get the whole state dict, set_value each slice."""
         state = ray.get(wrapped[0])
         for name, param in self.params.items():
-            param.set_value(np.ascontiguousarray(take_shard(state[name], self.plan[name])))
+            param.set_value(contiguous(take_shard(state[name], self.plan[name])))
 
     def load_pdparams(self, path: str) -> None:
         """FastDeploy-style: paddle.load of a pickle this benchmark wrote itself."""
@@ -269,7 +270,7 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
                 paths = []
                 for r in range(setup.tp):
                     local = {
-                        n: paddle.to_tensor(np.ascontiguousarray(take_shard(a, setup.plans[r][n])))
+                        n: paddle.to_tensor(contiguous(take_shard(a, setup.plans[r][n])))
                         for n, a in full.items()
                     }
                     paths.append(os.path.join(folder, f"model_state.tp{r}.pdparams"))
@@ -317,7 +318,7 @@ def _rdt_actors():
         def load(self, state: dict) -> None:
             for name, param in self.params.items():
                 full = state[name].numpy()
-                param.set_value(np.ascontiguousarray(take_shard(full, self.plan[name])))
+                param.set_value(contiguous(take_shard(full, self.plan[name])))
 
     return RdtTrainer, RdtRank
 

@@ -23,7 +23,7 @@ from fd_ray_sync.checksum import crc32
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
-from fd_ray_sync.tensors import to_host
+from fd_ray_sync.tensors import contiguous, to_host
 
 
 class BucketMeta(BaseModel):
@@ -74,13 +74,17 @@ def iter_buckets(
             raise WeightMismatchError(f"parameter {name!r} appears twice in the update")
         seen.add(name)
         array, dtype = to_host(tensor)
-        array = np.ascontiguousarray(array)
+        array = contiguous(array)
         if arrays and used + array.nbytes > bucket_bytes:
             yield BucketMeta(index=index, tensors=tuple(metas)), arrays
             metas, arrays, used, index = [], [], 0, index + 1
         full_crc = slices = None
         if checksum and slice_plans:
-            slices = slice_checksums(array, [plan.get(name, REPLICATED) for plan in slice_plans])
+            specs = [plan.get(name, REPLICATED) for plan in slice_plans]
+            try:
+                slices = slice_checksums(array, specs)
+            except WeightMismatchError as e:
+                raise WeightMismatchError(f"parameter {name!r}: {e}") from None
         elif checksum:
             full_crc = crc32(array)
         metas.append(

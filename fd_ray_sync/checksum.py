@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from fd_ray_sync.tensors import contiguous
+
 _CHUNK = 8 << 20
 _POOL = None
 
@@ -29,7 +31,7 @@ def crc32(array: np.ndarray) -> int:
     Up to 8 MiB it is the CRC-32 of the bytes; above, the CRC-32 of the CRC-32s of its 8 MiB
     chunks, computed in parallel threads. Both ends of a transfer use this function.
     """
-    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    data = contiguous(array).reshape(-1).view(np.uint8)
     if data.nbytes <= _CHUNK:
         return zlib.crc32(data)
     chunks = [data[i : i + _CHUNK] for i in range(0, data.nbytes, _CHUNK)]

@@ -29,7 +29,7 @@ from fd_ray_sync.errors import StateError, WeightSyncError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
-from fd_ray_sync.sharding import REPLICATED, ShardSpec
+from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of
 from fd_ray_sync.tensors import shape_and_dtype
 from fd_ray_sync.version import validate_version
 
@@ -172,7 +172,8 @@ class Fleet:
                         for r in range(tp):
                             spec = plans[r].get(t.name, REPLICATED)
                             crc = local_checksum(t, spec)
-                            digest = tensor_digest(t.name, t.dtype, spec.local_shape(t.shape), crc)
+                            shape = local_shape_of(t.name, spec, t.shape)
+                            digest = tensor_digest(t.name, t.dtype, shape, crc)
                             digests[r].append((t.name, digest))
                 ref = ray.put(arrays)
                 del arrays

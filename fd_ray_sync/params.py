@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fd_ray_sync.tensors import as_storage, dtype_name, to_host
+from fd_ray_sync.tensors import as_storage, contiguous, dtype_name, to_host
 
 
 def param_dtype(param: Any) -> str:
@@ -52,7 +52,7 @@ def write_param(param: Any, array: np.ndarray, dtype: str) -> None:
     if view is not None:
         np.copyto(view, src, casting="no")
         return
-    fresh = paddle.to_tensor(np.ascontiguousarray(src))  # a copy, on the default device
+    fresh = paddle.to_tensor(contiguous(src))  # a copy, on the default device
     if dtype == "bfloat16":
         fresh = fresh.view(paddle.bfloat16)
     if param._is_initialized():

@@ -10,6 +10,7 @@ is refused by name instead of producing garbage weights. bfloat16 is read as uin
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fd_ray_sync.errors import SnapshotError
-from fd_ray_sync.tensors import as_storage, storage_dtype
+from fd_ray_sync.tensors import as_storage, contiguous, storage_dtype
 
 _CODE_TO_DTYPE = {
     "F64": "float64",
@@ -143,7 +144,12 @@ def _entry(path: Path, name: str, spec: object) -> TensorEntry:
     ):
         raise SnapshotError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
     dtype = _CODE_TO_DTYPE[code]
-    want = int(np.prod(shape, dtype=np.int64)) * storage_dtype(dtype).itemsize
+    want = math.prod(shape) * storage_dtype(dtype).itemsize  # Python ints: no overflow
+    if want >= 1 << 63:
+        raise SnapshotError(
+            f"{path}: tensor {name!r} of shape {shape} {dtype} would need {want} bytes, "
+            "more than any file can hold (corrupt header)"
+        )
     if offsets[1] - offsets[0] != want:
         raise SnapshotError(
             f"{path}: tensor {name!r} of shape {shape} {dtype} needs {want} bytes, "
@@ -165,7 +171,7 @@ def write_safetensors(
     offset = 0
     ordered = []
     for name, (array, dtype) in tensors.items():
-        data = np.ascontiguousarray(as_storage(array, dtype))
+        data = contiguous(as_storage(array, dtype))
         header[name] = {
             "dtype": _DTYPE_TO_CODE[dtype],
             "shape": list(data.shape),

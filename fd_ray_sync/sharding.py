@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fd_ray_sync.errors import WeightMismatchError
+from fd_ray_sync.tensors import contiguous
 
 
 class ShardSpec(BaseModel):
@@ -69,12 +70,23 @@ class ShardSpec(BaseModel):
 
 REPLICATED = ShardSpec()
 
+
+def local_shape_of(name: str, spec: ShardSpec, full_shape: Sequence[int]) -> tuple[int, ...]:
+    """`spec.local_shape(full_shape)`, its error naming the parameter `name`."""
+    try:
+        return spec.local_shape(full_shape)
+    except WeightMismatchError as e:
+        raise WeightMismatchError(f"parameter {name!r}: {e}") from None
+
+
 ShardPlan = Mapping[str, ShardSpec]
 """Parameter name -> the slice this rank holds. Names missing from a plan are replicated."""
 
 
 def take_shard(full: np.ndarray, spec: ShardSpec) -> np.ndarray:
-    """This rank's slice of a full array (a view, no copy)."""
+    """This rank's slice of a full array (a view, no copy; the array itself when whole)."""
+    if spec.is_replicated:
+        return full
     if spec.axis is not None and spec.axis >= full.ndim:
         raise WeightMismatchError(f"shard axis {spec.axis} out of range for shape {full.shape}")
     return full[spec.slices(full.shape)]
@@ -83,6 +95,5 @@ def take_shard(full: np.ndarray, spec: ShardSpec) -> np.ndarray:
 def shard_state_dict(full: Mapping[str, np.ndarray], plan: ShardPlan) -> dict[str, np.ndarray]:
     """Every tensor of `full` cut to this rank's slice (contiguous copies)."""
     return {
-        name: np.ascontiguousarray(take_shard(arr, plan.get(name, REPLICATED)))
-        for name, arr in full.items()
+        name: contiguous(take_shard(arr, plan.get(name, REPLICATED))) for name, arr in full.items()
     }

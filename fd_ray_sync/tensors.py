@@ -104,6 +104,12 @@ def _torch_to_host(t: Any) -> tuple[np.ndarray, str]:
     return t.contiguous().numpy().view(storage_dtype(name)), name
 
 
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """`array` in C order, copied only if it is not (unlike `np.ascontiguousarray`, a 0-d
+    array stays 0-d)."""
+    return np.require(array, requirements="C")
+
+
 def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     """`array` reinterpreted with the numpy dtype that stores `dtype` (checks the item size)."""
     want = storage_dtype(dtype)

@@ -21,7 +21,7 @@ def validate_version(version: object) -> str:
     if isinstance(version, bool) or not isinstance(version, (str, int)):
         raise VersionError(f"version must be a string or an int, got {type(version).__name__}")
     text = str(version)
-    if not _VERSION_RE.match(text) or ".." in text:
+    if not _VERSION_RE.fullmatch(text) or ".." in text:
         raise VersionError(
             f"invalid version {text!r}: use 1-128 characters of letters, digits, '.', '_' "
             "or '-', starting with a letter or digit, and no '..'"

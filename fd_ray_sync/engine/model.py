@@ -14,6 +14,7 @@ weights are [in_features, out_features]):
     layers.{i}.mlp.w1 [E, d, ff], .w2 [E, ff, d]        experts split over EP   (MoE layers)
     layers.{i}.mlp.gate.weight [d, E]                   replicated
     ln_f.*, lm_head.weight [d, vocab]                   replicated
+    logit_scale []                                      replicated (a 0-d scalar)
 
 Parameters may be cleared (`_clear_data()`) and refilled by the weight manager between calls,
 so nothing derived from a parameter is ever kept across calls.
@@ -111,6 +112,7 @@ def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's full (unsharded) shape, in the model's `state_dict()` order."""
     d, ff, e = config.d_model, config.d_ff, config.n_experts
     shapes: dict[str, tuple[int, ...]] = {
+        "logit_scale": (),  # the model's own parameter comes before its sublayers'
         "embed.weight": (config.vocab_size, d),
         "pos_embed.weight": (config.max_seq_len, d),
     }
@@ -380,6 +382,10 @@ class DecoderLM(nn.Layer):
         parallel = parallel or ParallelConfig()
         config.check_parallel(parallel)
         self.config = config
+        # A 0-d parameter, as real models have (a logit or temperature scale).
+        self.logit_scale = self.create_parameter(
+            [], dtype=config.dtype, default_initializer=nn.initializer.Constant(1.0)
+        )
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
         self.layers = nn.LayerList(
@@ -407,7 +413,7 @@ class DecoderLM(nn.Layer):
         x = self.embed(tokens) + self.pos_embed(positions)
         for i, block in enumerate(self.layers):
             x = block(x, start, self.kv_cache.layer(i) if use_cache else None)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x)) * self.logit_scale
 
     @paddle.no_grad()
     def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:

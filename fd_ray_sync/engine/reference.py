@@ -39,7 +39,9 @@ def iter_full_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str, 
     rng = np.random.default_rng(seed)
     for name, shape in full_shapes(config).items():
         noise = rng.standard_normal(shape, dtype=np.float32)
-        if name.endswith("embed.weight"):
+        if not shape:  # the logit scale: positive, near 1
+            yield name, np.asarray(1.0 + 0.1 * noise, dtype=np.float32)
+        elif name.endswith("embed.weight"):
             yield name, noise
         elif len(shape) == 1:
             owner = name.rsplit(".", 2)[-2]  # "ln1" in "layers.0.ln1.weight"

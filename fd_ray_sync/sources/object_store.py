@@ -24,7 +24,7 @@ from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
 from fd_ray_sync.checksum import crc32
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
-from fd_ray_sync.sharding import REPLICATED, ShardSpec, take_shard
+from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of, take_shard
 from fd_ray_sync.sources.base import Chunk, WeightSource, register_source
 from fd_ray_sync.tensors import as_storage
 
@@ -57,7 +57,7 @@ class ObjectStoreSource(WeightSource):
                 spec = self.plan.get(t.name, REPLICATED)
                 out[t.name] = t.model_copy(
                     update={
-                        "shape": spec.local_shape(t.shape),
+                        "shape": local_shape_of(t.name, spec, t.shape),
                         "nbytes": t.nbytes // max(1, spec.parts),
                         "crc32": local_checksum(t, spec),  # of this rank's bytes
                         "slice_crc32": None,
@@ -144,7 +144,11 @@ class BucketStreamSource(WeightSource):
         for name, t in self.announced.items():
             spec = self.plan.get(name, REPLICATED)
             out[name] = t.model_copy(
-                update={"shape": spec.local_shape(t.shape), "crc32": None, "slice_crc32": None}
+                update={
+                    "shape": local_shape_of(name, spec, t.shape),
+                    "crc32": None,
+                    "slice_crc32": None,
+                }
             )
         return out
 

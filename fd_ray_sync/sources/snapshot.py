@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fd_ray_sync.buckets import plan_parts
 from fd_ray_sync.checksum import crc32
 from fd_ray_sync.config import LoadConfig, ParallelConfig
@@ -33,7 +31,7 @@ from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.safetensors_io import SafetensorsFile, write_safetensors
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, take_shard
 from fd_ray_sync.sources.base import Chunk, WeightSource, register_source
-from fd_ray_sync.tensors import to_host
+from fd_ray_sync.tensors import contiguous, to_host
 from fd_ray_sync.version import read_version_file, write_version_file
 
 EXTENSIONS = ("safetensors", "pdparams")
@@ -257,7 +255,7 @@ def write_snapshot(
     for tp_rank in range(tp):
         plan = plan_for(tp_rank)
         local = {
-            name: (np.ascontiguousarray(take_shard(arr, plan.get(name, REPLICATED))), dtype)
+            name: (contiguous(take_shard(arr, plan.get(name, REPLICATED))), dtype)
             for name, (arr, dtype) in host.items()
         }
         written[tp_rank] = _write_rank_files(folder, tp_rank, local, part_bytes, snapshot_id, ext)
