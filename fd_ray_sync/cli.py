@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--tp", type=int, default=2)
     launch.add_argument("--no-experts", action="store_true")
     launch.add_argument("--snapshot", default=None, help="bootstrap from this snapshot folder")
+    launch.add_argument(
+        "--phase-timeout", type=float, default=120.0, help="seconds each update phase may take"
+    )
+    launch.add_argument(
+        "--shutdown-comm-groups-on-clear",
+        action="store_true",
+        help="tear TP/EP groups down on clear (FastDeploy's --shutdown-comm-group-if-worker-idle)",
+    )
 
     status = sub.add_parser("status", help="show a fleet's version and each rank's status")
     _fleet_args(status)
@@ -126,6 +134,8 @@ def cmd_launch(args) -> int:
         tp=args.tp,
         enable_expert_parallel=not args.no_experts,
         load=load,
+        phase_timeout_s=args.phase_timeout,
+        shutdown_comm_groups_on_clear=args.shutdown_comm_groups_on_clear,
         detached=True,
     )
     Fleet.launch(config, address=args.address)

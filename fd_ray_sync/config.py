@@ -32,8 +32,12 @@ class LoadConfig(_Frozen):
         description="Shared folder tried last for a rank's snapshot "
         "(FastDeploy's /shared_ipc_meta).",
     )
-    snapshot_id: int = Field(
-        0, ge=0, description="The `{id}` in snapshot file names (FastDeploy used the GPU id)."
+    snapshot_id: int | None = Field(
+        None,
+        ge=0,
+        description="The `{id}` in snapshot file names `model_state.tp{rank}.{id}.*`. "
+        "None: each rank's TP rank, as a FastDeploy replica on GPUs 0..tp-1 writes them "
+        "(its id is the rank's GPU id); a number: that id for every rank.",
     )
     bucket_bytes: int = Field(
         256 * MiB, gt=0, description="Bytes per transfer bucket (and per snapshot part file)."
@@ -167,7 +171,16 @@ class FleetConfig(_Frozen):
         "each next node fetches from the one before (a chain), so about one model's bytes "
         "leave the trainer's node instead of one per node.",
     )
-    detached: bool = Field(False, description="Keep the fleet alive after the driver exits.")
+    shutdown_comm_groups_on_clear: bool = Field(
+        False,
+        description="Tear every rank's TP/EP groups down on clear and bring them back with "
+        "the next update (FastDeploy's --shutdown-comm-group-if-worker-idle).",
+    )
+    detached: bool = Field(
+        False,
+        description="Keep the fleet (coordinator, ranks, placement group) alive after the "
+        "driver exits; off, all of it goes with the driver's job.",
+    )
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
 
     def parallel(self, rank: int = 0) -> ParallelConfig:
@@ -179,4 +192,5 @@ class FleetConfig(_Frozen):
             backend="nccl" if self.use_gpu else "gloo",
             # A hung collective must surface before the coordinator's barrier gives up on it.
             collective_timeout_s=self.phase_timeout_s,
+            shutdown_comm_groups_on_clear=self.shutdown_comm_groups_on_clear,
         )

@@ -9,8 +9,11 @@ A rank looks for its weights in this order, and takes the first that exists:
 
 `<ext>` is `safetensors` or FastDeploy's `pdparams`; either way the content must be
 safetensors (a pickle is refused, never loaded). `{rank}` is the rank's TP rank: replicas of
-a data-parallel fleet hold the same slices and share files. Part numbers must run 0..N-1;
-files that look like parts but are misnamed are warned about and ignored.
+a data-parallel fleet hold the same slices and share files. `{id}` is FastDeploy's per-rank
+id (the rank's GPU id there): by default the TP rank, so the folder a FastDeploy replica on
+GPUs 0..tp-1 writes (`model_state.tp0.0`, `model_state.tp1.1`, ...) loads as it is. Part
+numbers must run 0..N-1; files that look like parts but are misnamed are warned about and
+ignored.
 """
 
 from __future__ import annotations
@@ -38,12 +41,21 @@ EXTENSIONS = ("safetensors", "pdparams")
 CRC_KEY = "fd_ray_sync.crc32"
 
 
-def base_name(tp_rank: int, snapshot_id: int) -> str:
-    return f"model_state.tp{tp_rank}.{snapshot_id}"
+def snapshot_id_of(tp_rank: int, snapshot_id: int | None) -> int:
+    """The `{id}` of a rank's file names: `snapshot_id`, or by default the TP rank."""
+    return tp_rank if snapshot_id is None else snapshot_id
+
+
+def base_name(tp_rank: int, snapshot_id: int | None = None) -> str:
+    return f"model_state.tp{tp_rank}.{snapshot_id_of(tp_rank, snapshot_id)}"
 
 
 def find_snapshot_files(
-    folder: Path, tp_rank: int, snapshot_id: int = 0, fallback_dir: Path | None = None, log=None
+    folder: Path,
+    tp_rank: int,
+    snapshot_id: int | None = None,
+    fallback_dir: Path | None = None,
+    log=None,
 ) -> list[Path]:
     """The files holding `tp_rank`'s weights, by FastDeploy's priority order."""
     log = log or get_logger(__name__, tp_rank)
@@ -55,7 +67,8 @@ def find_snapshot_files(
     if parts:
         return [_inside(p, folder) for p in parts]
     candidates = [folder / f"{base}.{ext}" for ext in EXTENSIONS]
-    candidates += [folder / f"model_state.tp0{snapshot_id}.{ext}" for ext in EXTENSIONS]
+    legacy = f"model_state.tp0{snapshot_id_of(tp_rank, snapshot_id)}"
+    candidates += [folder / f"{legacy}.{ext}" for ext in EXTENSIONS]
     if fallback_dir is not None:
         candidates += [fallback_dir / f"{base}.{ext}" for ext in EXTENSIONS]
     for path in candidates:
@@ -116,7 +129,7 @@ class SnapshotSource(WeightSource):
         self,
         folder: str | os.PathLike,
         tp_rank: int,
-        snapshot_id: int = 0,
+        snapshot_id: int | None = None,
         fallback_dir: str | os.PathLike | None = None,
         rank: int | None = None,
     ):
@@ -198,7 +211,7 @@ def write_rank_snapshot(
     tp_rank: int,
     tensors: Mapping[str, Any],
     part_bytes: int,
-    snapshot_id: int = 0,
+    snapshot_id: int | None = None,
     ext: str = "safetensors",
 ) -> list[Path]:
     """Write one rank's (already sliced) paddle/torch/numpy tensors as snapshot files."""
@@ -207,7 +220,7 @@ def write_rank_snapshot(
 
 
 def _write_rank_files(
-    folder: Path, tp_rank: int, host: Chunk, part_bytes: int, snapshot_id: int, ext: str
+    folder: Path, tp_rank: int, host: Chunk, part_bytes: int, snapshot_id: int | None, ext: str
 ) -> list[Path]:
     """Part files of at most `part_bytes` each (one part: the full file), with checksums.
 
@@ -241,7 +254,7 @@ def write_snapshot(
     tp: int,
     version: str,
     part_bytes: int,
-    snapshot_id: int = 0,
+    snapshot_id: int | None = None,
     ext: str = "safetensors",
 ) -> dict[int, list[Path]]:
     """Cut a full state dict into each TP rank's slice, write the files, then version.yaml.

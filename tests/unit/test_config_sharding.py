@@ -50,3 +50,24 @@ def test_shard_spec_slices_and_errors():
         ShardSpec(axis=0, parts=2, index=2)
     local = shard_state_dict({"w": full, "b": np.ones(6)}, {"w": col})
     assert local["w"].flags.c_contiguous and local["b"].shape == (6,)
+
+
+def test_a_shape_that_does_not_split_names_its_parameter():
+    from fd_ray_sync.buckets import iter_buckets
+    from fd_ray_sync.errors import WeightMismatchError
+
+    plans = [{"mlp.up.weight": ShardSpec(axis=1, parts=2, index=r)} for r in range(2)]
+    weights = {"mlp.up.weight": np.zeros((4, 5), np.float32)}
+    with pytest.raises(WeightMismatchError, match="parameter 'mlp.up.weight': axis 1"):
+        list(iter_buckets(weights, 1 << 20, True, plans))
+
+
+def test_bfloat16_nan_and_inf_are_seen_in_their_bits():
+    from fd_ray_sync.tensors import all_finite
+
+    ones = np.full(4, 0x3F80, np.uint16)  # 1.0 in bfloat16
+    assert all_finite(ones, "bfloat16")
+    for bits in (0x7F80, 0xFF80, 0x7FC0):  # +Inf, -Inf, NaN
+        bad = ones.copy()
+        bad[2] = bits
+        assert not all_finite(bad, "bfloat16")

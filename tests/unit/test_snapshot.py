@@ -161,3 +161,42 @@ def test_a_file_that_escapes_its_folder_is_refused(tmp_path):
     (folder / "model_state.tp0.0.safetensors").symlink_to(outside / "model_state.tp0.0.safetensors")
     with pytest.raises(SnapshotError, match="outside the snapshot folder"):
         SnapshotSource(folder, 0)
+
+
+def test_default_file_names_carry_each_ranks_own_id_as_fastdeploy_writes_them(tmp_path):
+    # A FastDeploy tp=2 replica on GPUs 0 and 1 writes model_state.tp0.0 and model_state.tp1.1.
+    write_safetensors(
+        tmp_path / "model_state.tp0.0.pdparams", {"w": (np.zeros(2, "f4"), "float32")}
+    )
+    write_safetensors(tmp_path / "model_state.tp1.1.pdparams", {"w": (np.ones(2, "f4"), "float32")})
+    assert _loaded(SnapshotSource(tmp_path, tp_rank=1))["w"].tolist() == [1.0, 1.0]
+    assert _loaded(SnapshotSource(tmp_path, tp_rank=0))["w"].tolist() == [0.0, 0.0]
+    out = tmp_path / "ours"
+    write_snapshot(out, {"w": np.zeros(4, "f4")}, lambda r: {}, tp=2, version="1", part_bytes=64)
+    assert sorted(p.name for p in out.glob("model_state.*")) == [
+        "model_state.tp0.0.safetensors",
+        "model_state.tp1.1.safetensors",
+    ]
+
+
+def test_a_zero_dim_tensor_keeps_its_shape_in_a_snapshot(tmp_path):
+    write_rank_snapshot(tmp_path, 0, {"scale": np.asarray(1.5, np.float32)}, part_bytes=64)
+    source = SnapshotSource(tmp_path, tp_rank=0)
+    assert source.manifest()["scale"].shape == ()
+    assert _loaded(source)["scale"].shape == ()
+
+
+def test_a_header_shape_beyond_int64_is_a_snapshot_error(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}})
+    path = tmp_path / "model_state.tp0.0.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    with pytest.raises(SnapshotError, match="more than any file can hold"):
+        SnapshotSource(tmp_path, tp_rank=0)
+
+
+def test_a_version_with_a_trailing_newline_is_refused():
+    with pytest.raises(VersionError, match="invalid version"):
+        validate_version("5\n")
