@@ -220,7 +220,7 @@ class CoordinatorActor:
         self._factory = engine_factory
         self.world = config.tp * config.dp
         self.ranks: list = []
-        self.pg = None
+        self.pgs: list = []  # one placement group per replica
         self.version: str | None = None
         # Where the committed version came from, kept until the next commit so an aborted
         # update (or a restarted rank) can load it again.
@@ -245,7 +245,10 @@ class CoordinatorActor:
                 ray.get_actor(rank_actor_name(self.config.name, r), self.config.namespace)
                 for r in range(self.world)
             ]
-            self.pg = get_placement_group(f"{self.config.name}.pg")
+            self.pgs = [
+                get_placement_group(_pg_name(self.config.name, replica))
+                for replica in range(self.config.dp)
+            ]
         except ValueError:
             return  # a new fleet: start() creates everything
         self.ranks = handles
@@ -276,17 +279,28 @@ class CoordinatorActor:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world
             cfg = self.config = cfg.model_copy(update={"use_gpu": use_gpu})
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self.pg = placement_group(
-            [dict(bundle) for _ in range(self.world)],
-            strategy="PACK",
-            name=f"{cfg.name}.pg",
-            lifetime="detached",
-        )
-        if not self.pg.wait(timeout_seconds=cfg.phase_timeout_s):
-            remove_placement_group(self.pg)
+        # One placement group per replica, its ranks on one node (TP traffic stays inside
+        # it); replicas aimed at different nodes. Not detached unless the fleet is: then the
+        # groups, and the ranks placed in them, end with the driver's job.
+        targets = _spread_targets(cfg.dp, cfg.tp, bundle)
+        self.pgs = [
+            placement_group(
+                [dict(bundle) for _ in range(cfg.tp)],
+                strategy="STRICT_PACK",
+                name=_pg_name(cfg.name, replica),
+                lifetime="detached" if cfg.detached else None,
+                _soft_target_node_id=targets[replica],
+            )
+            for replica in range(cfg.dp)
+        ]
+        if not all(pg.wait(timeout_seconds=cfg.phase_timeout_s) for pg in self.pgs):
+            for pg in self.pgs:
+                remove_placement_group(pg)
+            self.pgs = []
             raise StateError(
-                f"could not place {self.world} ranks with {bundle} each within "
-                f"{cfg.phase_timeout_s}s; the cluster has {ray.cluster_resources()}"
+                f"could not place {cfg.dp} replicas of {cfg.tp} ranks ({bundle} each, one "
+                f"node per replica) within {cfg.phase_timeout_s}s; the cluster has "
+                f"{ray.cluster_resources()}"
             )
         self.ranks = [self._create_rank(rank, use_gpu) for rank in range(self.world)]
         for replica in range(cfg.dp):
@@ -300,11 +314,15 @@ class CoordinatorActor:
         return WeightManagerActor.options(
             name=rank_actor_name(self.config.name, rank),
             namespace=self.config.namespace,
+            # Detached, so a restarted coordinator finds its ranks; they still end with
+            # their placement group (and so with the driver's job, unless detached).
             lifetime="detached",
             max_restarts=-1,
             num_cpus=1,
             num_gpus=1 if use_gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pgs[rank // self.config.tp], rank % self.config.tp
+            ),
             # One BLAS thread per rank: the ranks already use every core between them.
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
         ).remote(self.config.parallel(rank), self.config.load, self._factory)
@@ -924,10 +942,25 @@ class CoordinatorActor:
         for actor in self.ranks:
             ray.kill(actor, no_restart=True)
         self.ranks = []
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        for pg in self.pgs:
+            remove_placement_group(pg)
+        self.pgs = []
         self._ok = [False] * self.config.dp
+
+
+def _pg_name(fleet: str, replica: int) -> str:
+    return f"{fleet}.pg{replica}"
+
+
+def _spread_targets(dp: int, tp: int, bundle: dict[str, float]) -> list[str | None]:
+    """A node to aim each replica at: the alive nodes that can hold a whole replica, taken
+    in turn (a soft target: Ray places a replica elsewhere when its node is full)."""
+    fits = sorted(
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and all(n["Resources"].get(k, 0) >= v * tp for k, v in bundle.items())
+    )
+    return [fits[r % len(fits)] if fits else None for r in range(dp)]
 
 
 class _VersionKey:

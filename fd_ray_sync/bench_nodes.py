@@ -2,7 +2,8 @@
 
 For each node count N, a fresh local cluster (`ray.cluster_utils.Cluster`) on this machine:
 the head node is the trainer's (this process runs there; it offers no CPU, so no rank lands
-on it) and N nodes of one CPU host one rank each (dp = N / tp replicas). Every node has its
+on it) and N nodes of `tp` CPUs host one replica each (dp = N; a replica's ranks share a
+node, as the fleet places them). Every node has its
 own raylet and object store, so bytes between them really cross the object managers (over
 loopback). Per update, the bytes each node sent are read from that node's own counter
 `ray_object_manager_bytes{Type="PushedFromLocalPlasma"}` (its Prometheus endpoint; the
@@ -61,7 +62,7 @@ class NodeMeter:
         return last
 
 
-def _start_cluster(nodes: int, store_bytes: int):
+def _start_cluster(nodes: int, cpus: int, store_bytes: int):
     from ray.cluster_utils import Cluster
 
     report_ms = 1000
@@ -74,7 +75,7 @@ def _start_cluster(nodes: int, store_bytes: int):
         },
     )
     for _ in range(nodes):
-        cluster.add_node(num_cpus=1, object_store_memory=store_bytes)
+        cluster.add_node(num_cpus=cpus, object_store_memory=store_bytes)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="fd_ray_sync", log_to_driver=False)
     alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
@@ -155,11 +156,9 @@ def run_nodes(size_gb: float, tp: int, node_counts: list[int], runs: int, bucket
 
     out: dict = {"size_gb": size_gb, "tp": tp, "bucket_mb": bucket_mb, "runs": runs, "nodes": {}}
     for nodes in node_counts:
-        if nodes % tp:
-            raise SystemExit(f"--nodes {nodes}: each rank node hosts one rank; use multiples of tp")
-        setup = Setup(size_gb, tp, nodes // tp)
+        setup = Setup(size_gb, tp, nodes)
         store = int(setup.model_bytes * 2.5) + (256 << 20)
-        cluster, meter = _start_cluster(nodes, store)
+        cluster, meter = _start_cluster(nodes, tp, store)
         results = {}
         try:
             bucket = bucket_mb << 20

@@ -2,8 +2,8 @@
 
 Run by `test_nodes.py` in its own process (the test session's Ray is a single node):
 `python relay_fault.py OUT.json`. The head is the trainer's node (no CPU); each of two rank
-nodes hosts one rank of a tp=2 replica, so rank 0's node fetches from the trainer's node
-and rank 0 re-puts every bucket for rank 1's node. The trainer feeds buckets slowly and
+nodes hosts one replica (tp=1), so rank 0's node fetches from the trainer's node and rank 0
+re-puts every bucket for rank 1's node. The trainer feeds buckets slowly and
 SIGKILLs rank 0 after bucket 5; the figures go to OUT.json.
 """
 
@@ -40,8 +40,8 @@ def main(out_path: str) -> None:
     try:
         config = FleetConfig(
             name="relay-fault",
-            tp=2,
-            dp=1,
+            tp=1,
+            dp=2,
             enable_expert_parallel=False,
             phase_timeout_s=120,
             load=LoadConfig(load_strategy="object_store", bucket_bytes=BUCKET),
@@ -60,7 +60,7 @@ def main(out_path: str) -> None:
 
         def slow_buckets():
             nonlocal killed_at
-            for meta, arrays in iter_buckets(second, BUCKET, True, [plans[0], plans[1]]):
+            for meta, arrays in iter_buckets(second, BUCKET, True, [plans[0]]):
                 if meta.index == 5:
                     os.kill(victim, signal.SIGKILL)
                     killed_at = time.monotonic()

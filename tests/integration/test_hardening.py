@@ -261,3 +261,51 @@ def test_comm_groups_shut_down_on_clear_come_back_with_the_next_update(ray_clust
         assert_serves(fleet, state, 2)
     finally:
         fleet.shutdown()
+
+
+# --- 6. a non-detached fleet goes with its driver -------------------------------------------
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import ray
+    from fd_ray_sync.config import FleetConfig
+    from fd_ray_sync.fleet import Fleet
+
+    ray.init(address=sys.argv[1], namespace="fd_ray_sync", log_to_driver=False)
+    Fleet.launch(FleetConfig(name="orphan", tp=2, dp=1))
+    print("up", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _leftovers(name):
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if name in a["name"]]
+    groups = [
+        g
+        for g in ray.util.placement_group_table().values()
+        if g["name"].startswith(name) and g["state"] != "REMOVED"
+    ]
+    return actors, groups
+
+
+def test_a_fleet_whose_driver_dies_leaves_no_actor_and_no_reservation(ray_cluster, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        actors, groups = _leftovers("orphan")
+        assert len(actors) == 3 and len(groups) == 1  # coordinator, 2 ranks; one replica
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 60
+    while any(_leftovers("orphan")):
+        assert time.monotonic() < deadline, _leftovers("orphan")
+        time.sleep(0.5)

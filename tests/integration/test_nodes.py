@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_the_relay_sends_one_model_out_of_the_trainers_node(tmp_path):
     out = tmp_path / "nodes.json"
-    cmd = [sys.executable, "-m", "fd_ray_sync.bench", "--size-gb", "0.02", "--tp", "2"]
+    cmd = [sys.executable, "-m", "fd_ray_sync.bench", "--size-gb", "0.02", "--tp", "1"]
     cmd += ["--nodes", "2", "--runs", "1", "--bucket-mb", "4", "--json", str(out)]
     subprocess.run(cmd, check=True, timeout=600, cwd=tmp_path)
     result = json.loads(out.read_text())["nodes"]["2"]
@@ -34,14 +34,15 @@ def test_the_relay_sends_one_model_out_of_the_trainers_node(tmp_path):
 
 
 def test_killing_the_relaying_rank_aborts_at_once_and_restores_the_version(tmp_path):
-    """Rank 0 re-puts every bucket for rank 1's node; it is SIGKILLed mid-update. Its
-    failure closes the feed, so rank 1 stops waiting for relayed buckets instead of
-    waiting out the 120 s phase timeout; the replica is rebuilt on version 1."""
+    """Rank 0 (replica 0) re-puts every bucket for rank 1's node; it is SIGKILLed
+    mid-update. Its failure closes the feed, so rank 1 stops waiting for relayed buckets
+    instead of waiting out the 120 s phase timeout; replica 0 is rebuilt and replica 1
+    restored, on version 1."""
     out = tmp_path / "fault.json"
     script = Path(__file__).with_name("relay_fault.py")
     subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=600, cwd=tmp_path)
     r = json.loads(out.read_text())
-    assert r["nodes"] == 2  # the two ranks on two nodes: a relay chain
+    assert r["nodes"] == 2  # the two replicas on two nodes: a relay chain
     assert (r["error"], r["phase"], r["lost"]) == ("RankFailed", "load", [0])
     assert r["seconds_kill_to_error"] < 60  # includes rebuilding the replica
     assert r["version_after"] == "1" and r["same_weights_as_before"] and r["victim_replaced"]
