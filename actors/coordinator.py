@@ -315,9 +315,11 @@ class CoordinatorActor:
             name=rank_actor_name(self.config.name, rank),
             namespace=self.config.namespace,
             # Detached, so a restarted coordinator finds its ranks; they still end with
-            # their placement group (and so with the driver's job, unless detached).
+            # their placement group (and so with the driver's job, unless detached). Ray
+            # does not restart them: a restart waits forever once the group is gone; a
+            # dead rank is created anew when its replica is rebuilt (`_await_alive`).
             lifetime="detached",
-            max_restarts=-1,
+            max_restarts=0,
             num_cpus=1,
             num_gpus=1 if use_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
