@@ -26,6 +26,7 @@ from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sharding import take_shard
+from fd_ray_sync.version import is_newer
 
 PROMPT = "The trainer "
 
@@ -50,9 +51,15 @@ class ChaosReport(BaseModel):
     updates_committed: int = 0
     updates_aborted: int = 0
     ranks_killed: int = 0
-    ranks_recovered: int = 0
+    ranks_recovered: int = Field(
+        0, description="Killed ranks found at the end as a new process holding the final version."
+    )
     coordinator_killed: int = 0
-    coordinator_recovered: int = 0
+    coordinator_recovered: int = Field(
+        0,
+        description="1 when, after the kill, a new coordinator answered with the version "
+        "last committed before it.",
+    )
     requests_served: int = 0
     requests_failed: int = 0
     mixed_version_results: int = 0
@@ -73,6 +80,9 @@ class _Run:
         self.reference = ReferenceEngine(self.model)  # single process: what each version says
         self.states: dict[str, dict] = {}
         self.texts: dict[str, str] = {}
+        self.killed: list[tuple[int, int]] = []  # (rank, pid) of each rank killed
+        self.committed: str | None = None  # the last version an update returned for
+        self.committed_at_coordinator_kill: str | None = None
 
     def prepare(self, version: str) -> dict:
         """The weights of `version` and the text they must produce."""
@@ -99,6 +109,8 @@ class _Run:
                     self.report.mixed_version_results += 1
 
     def kill_coordinator(self) -> None:
+        with self.lock:
+            self.committed_at_coordinator_kill = self.committed
         ray.kill(self.fleet.coordinator, no_restart=False)
         self.report.coordinator_killed += 1
 
@@ -108,11 +120,12 @@ class _Run:
         while not self.stop.wait(wait):
             try:
                 ranks = self.fleet.status()["ranks"]
-                pid = self.rng.choice([r["pid"] for r in ranks if "pid" in r])
+                rank, pid = self.rng.choice([(r["rank"], r["pid"]) for r in ranks if "pid" in r])
                 os.kill(pid, signal.SIGKILL)
             except Exception:  # noqa: BLE001 - coordinator restarting, rank gone: try again
                 wait = 0.5
                 continue
+            self.killed.append((rank, pid))
             self.report.ranks_killed += 1
             wait = self.rng.expovariate(1.0 / self.cfg.kill_interval_s)
 
@@ -130,6 +143,7 @@ class _Run:
     def run(self) -> ChaosReport:
         start = time.monotonic()
         self.fleet.update(self.prepare("0"), version=0)
+        self.committed = "0"
         threads = [threading.Thread(target=self.client) for _ in range(self.cfg.clients)]
         threads.append(threading.Thread(target=self.killer))
         for t in threads:
@@ -145,6 +159,8 @@ class _Run:
                 try:
                     self.fleet.update(state, version=v)
                     self.report.updates_committed += 1
+                    with self.lock:
+                        self.committed = str(v)
                 except Exception:  # noqa: BLE001 - an abort is an outcome, not a crash
                     self.report.updates_aborted += 1
                     self.wait_for_coordinator()
@@ -157,31 +173,39 @@ class _Run:
         return self.report
 
     def finish(self) -> None:
+        """Heal, then measure: every rank against the final version's weights, each killed
+        rank as a new process, the coordinator as what it remembers."""
         self.wait_for_coordinator()
-        if self.report.coordinator_killed:
-            self.report.coordinator_recovered = 1
         ray.get(self.fleet.coordinator.heal.remote())
         status = self.fleet.status()
         version = status["version"]
         self.report.final_version = version
+        if self.report.coordinator_killed:
+            # A new coordinator that adopted the ranks knows the version committed before
+            # the kill (or a later one, committed by an update after it).
+            before = self.committed_at_coordinator_kill
+            ok = version is not None and before is not None and not is_newer(before, version)
+            self.report.coordinator_recovered = int(ok)
         plans = self.fleet.shard_plans()
         state = self.states[version]
-        healthy = 0
         self.report.final_ranks = [
-            {k: r.get(k) for k in ("rank", "weights", "version", "fingerprint", "error")}
+            {k: r.get(k) for k in ("rank", "pid", "weights", "version", "fingerprint", "error")}
             for r in status["ranks"]
         ]
+        healthy = set()
         for r in status["ranks"]:
             want = fingerprint(
                 (n, "float32", take_shard(a, plans[r["rank"]][n])) for n, a in state.items()
             )
             ok = r.get("weights") == "NORMAL" and r.get("version") == version
             if ok and r.get("fingerprint") == want:
-                healthy += 1
+                healthy.add(r["rank"])
             else:
                 self.report.params_not_matching_committed += 1
-        lost = len(status["ranks"]) - healthy
-        self.report.ranks_recovered = max(0, self.report.ranks_killed - lost)
+        now = {r["rank"]: r.get("pid") for r in status["ranks"]}
+        self.report.ranks_recovered = sum(
+            1 for rank, pid in self.killed if rank in healthy and now[rank] != pid
+        )
 
 
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:

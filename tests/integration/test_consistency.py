@@ -5,11 +5,13 @@ import threading
 
 import pytest
 
+from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.engine.model import ModelConfig, preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import VersionError
 from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.sharding import take_shard
 
 pytestmark = pytest.mark.slow
 TINY = preset("tiny")
@@ -69,13 +71,20 @@ def test_concurrent_updates_are_serialized(ray_cluster):
         for t in threads:
             t.join(timeout=120)
         status = fleet.status()
+        plans = fleet.shard_plans()
     finally:
         fleet.shutdown()
     # Each update ran alone; whichever came after a newer one was refused by name.
     assert done and status["version"] == max(done, key=int)
     assert len(done) + len(errors) == 3
     assert all("is not newer than the fleet's" in e for e in errors)
-    assert len({r["fingerprint"] for r in status["ranks"]}) == 2
+    # Every rank holds the slice of the version that won, as computed here from its weights.
+    final = init_full_state_dict(TINY, int(status["version"]))
+    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
+    assert got == {
+        rank: fingerprint((n, "float32", take_shard(a, plan[n])) for n, a in final.items())
+        for rank, plan in plans.items()
+    }
 
 
 MID = ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=1024, n_experts=4, max_seq_len=64)
