@@ -102,10 +102,15 @@ def test_workers_have_gpus_and_can_scale(config: dict) -> None:
 def test_setup_installs_paddle_gpu_and_this_package(config: dict) -> None:
     commands = config["setup_commands"]
     installs = [c for c in commands if re.search(r"\bpip install\b", c)]
-    assert any("paddlepaddle-gpu" in c for c in installs), commands
+    # Paddle 3.x GPU wheels come from PaddlePaddle's own index (PyPI stops at 2.6.2).
+    gpu = [c for c in installs if "paddlepaddle-gpu" in c]
+    assert len(gpu) == 1, commands
+    assert re.search(r"paddlepaddle-gpu==3\.\d+\.\d+ ", gpu[0]), gpu
+    assert re.search(r" -i https://www\.paddlepaddle\.org\.cn/packages/stable/cu\d+/$", gpu[0])
     assert any("fd-ray-sync" in c for c in installs), commands
     # The CPU wheel would shadow the GPU one (both are the `paddle` module).
-    assert not any(re.search(r"\bpaddlepaddle(?!-gpu)\b", c) for c in installs), installs
+    cpu_wheel = re.compile(r"""(?:^|\s)["']?paddlepaddle(?:[=<>!~\s"']|$)""")
+    assert not any(cpu_wheel.search(c) for c in installs), installs
 
 
 def test_every_ray_start_uses_token_auth(config: dict) -> None:
