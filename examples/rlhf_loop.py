@@ -2,8 +2,10 @@
 
 Each step: the fleet generates rollouts -> a rule-based reward scores them -> the trainer takes
 a few Adam steps (reward-weighted likelihood of the rollouts plus a small supervised term on
-built-in demonstrations) -> its full state dict goes to the fleet with `fleet.update`. Every
-rollout must come from the version pushed just before it.
+built-in demonstrations) -> the trainer actor pushes its parameters to the fleet itself
+(`Fleet.connect` inside it, then `fleet.update`): the weights go from its memory into the
+object store once, never through the driver. Every rollout must come from the version pushed
+just before it.
 
     python examples/rlhf_loop.py --steps 3                  # starts (or joins) a local Ray
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \\
@@ -29,6 +31,7 @@ from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.model import DecoderLM, assign_parameters, preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.messages import UpdateReport
 
 PROMPTS = ("Ray says: ", "The fleet: ", "Weights: ", "Step up: ")
 # The reward: how much of a completion matches this pattern, position by position.
@@ -58,9 +61,14 @@ class Trainer:
         self.opt = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
         self.demo_len = new_tokens
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Full weights as numpy, by the parameter names the fleet's ranks use."""
-        return {name: p.numpy() for name, p in self.model.named_parameters()}
+    def connect(self, fleet: str, namespace: str) -> None:
+        """Attach to the fleet by name: this actor is the process that pushes its weights."""
+        self.fleet = Fleet.connect(fleet, namespace)
+
+    def push(self, version: int) -> UpdateReport:
+        """The full weights, by the parameter names the fleet's ranks use, straight from
+        the parameters (read in place, put once); returns when every rank committed."""
+        return self.fleet.update(dict(self.model.named_parameters()), version=version)
 
     def _completion_logprob(self, prompt: str, completion: str) -> paddle.Tensor:
         """Mean over the completion's tokens of log p(token | everything before it)."""
@@ -120,17 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer.remote("tiny", args.seed, args.lr, args.new_tokens)
     fleet = Fleet.launch(FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model="tiny"))
     try:
+        ray.get(trainer.connect.remote(name, NAMESPACE))
         # Version 0: the trainer's initial weights, so the fleet has something to serve.
-        report = fleet.update(ray.get(trainer.state_dict.remote()), version=0)
+        report = ray.get(trainer.push.remote(0))
         print(f"fleet {name} serving version {report.version}", flush=True)
         version = 0
         for step in range(1, args.steps + 1):
             rollouts = rollout(fleet, version, args.new_tokens)
             mean_reward = float(np.mean([r for _, _, r in rollouts]))
             loss = ray.get(trainer.train_step.remote(rollouts, args.iters))
-            state = ray.get(trainer.state_dict.remote())
             t = time.perf_counter()
-            report = fleet.update(state, version=step)
+            report = ray.get(trainer.push.remote(step))
             update_s = time.perf_counter() - t
             version = step
             print(
