@@ -57,11 +57,11 @@ def synthetic_weights(
 
 
 class _Params(paddle.nn.Layer):
-    def __init__(self, local_shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, local_shapes: dict[str, tuple[int, ...]], dtype: str):
         super().__init__()
         self._names = {}
         for i, (name, shape) in enumerate(local_shapes.items()):
-            param = self.create_parameter(list(shape), dtype="float32", is_bias=False)
+            param = self.create_parameter(list(shape), dtype=dtype, is_bias=False)
             attr = f"p{i}"
             setattr(self, attr, param)
             self._names[attr] = name
@@ -74,14 +74,20 @@ class _Params(paddle.nn.Layer):
 class SyntheticEngine(InferenceEngine):
     """Holds one rank's slices of a synthetic model; it has nothing to generate with."""
 
-    def __init__(self, total_bytes: int, parallel: ParallelConfig, groups: CommGroups):
+    def __init__(
+        self,
+        total_bytes: int,
+        parallel: ParallelConfig,
+        groups: CommGroups,
+        dtype: str = "float32",
+    ):
         self.parallel, self.groups = parallel, groups
         if not groups.up:
             groups.start()
         self._shapes = synthetic_shapes(total_bytes)
         self._plan = synthetic_plan(self._shapes, parallel.tp, parallel.tp_rank)
         local = {n: self._plan[n].local_shape(s) for n, s in self._shapes.items()}
-        self.model = _Params(local)
+        self.model = _Params(local, dtype)
 
     def models(self) -> list:
         return [self.model]
