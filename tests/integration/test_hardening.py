@@ -108,6 +108,7 @@ def test_one_rank_refusing_a_snapshot_fails_fast_and_leaves_every_rank_serving(
     with pytest.raises(RankFailed) as err:
         fleet.update_from_snapshot(folder, version="99")
     elapsed = time.monotonic() - started
+    print(f"refusal ({corrupt.__name__}) in {elapsed:.2f}s")  # docs/reliability.md
     # Only TP rank 1 (ranks 1 and 3) refused, by name and cause, in the prepare phase.
     assert err.value.phase == "prepare" and sorted(err.value.failures) == [1, 3]
     assert all(isinstance(e, SnapshotError) for e in err.value.errors.values())
@@ -212,6 +213,7 @@ def test_a_trainer_killed_mid_feed_aborts_in_seconds_and_ranks_keep_their_weight
         # A request waits for the running update: it returns once the update is aborted.
         result = fleet.generate(["x"], 4)[0]
         waited = time.monotonic() - killed
+        print(f"trainer killed -> update aborted, request served: {waited:.2f}s")
     finally:
         trainer.kill()
         trainer.wait()
