@@ -343,7 +343,11 @@ class CoordinatorActor:
             deadline = time.monotonic() + self.config.phase_timeout_s
             try:
                 endpoints = [self._await_alive(r, deadline) for r in ranks]
-                out = self._phase("setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks)
+                # A rank that dies while the world forms leaves its peers waiting for it in
+                # paddle's rendezvous: stop at the first failure, the retry restarts them.
+                out = self._phase(
+                    "setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks, fail_fast=True
+                )
                 self._nodes.update({rank: info["node"] for rank, info in out.items()})
                 self._pids.update({rank: info["pid"] for rank, info in out.items()})
                 return
