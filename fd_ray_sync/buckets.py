@@ -5,7 +5,7 @@ list of numpy arrays as out-of-band buffers, so `ray.put(bucket)` is the trainer
 and `ray.get` on a rank's node is a zero-copy, read-only view of the store:
 
     BucketMeta(index=3, tensors=[TensorMeta(name="layers.0.mlp.up.weight", shape=(64, 128),
-               dtype="float32", nbytes=32768, crc32=...), ...])
+               dtype="float32", nbytes=32768, checksum=...), ...])
     arrays    = [<uint8/float32 array of 32768 bytes>, ...]    # same order as `tensors`
 
 Shapes in a bucket are the full (unsharded) shapes; each rank cuts its own slice on arrival.
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from fd_ray_sync.checksum import crc32
+from fd_ray_sync.checksum import digest, digests
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
@@ -61,7 +61,7 @@ def iter_buckets(
     Tensors are taken as zero-copy host views where the framework allows; only one bucket's
     worth of references is held at a time, so a trainer can stream layer by layer. With
     `slice_plans` (one shard plan per TP rank), checksums are of each rank's slice
-    (`slice_crc32`) rather than of the whole tensor.
+    (`slice_checksums`) rather than of the whole tensor.
     """
     pairs = weights.items() if isinstance(weights, Mapping) else weights
     metas: list[TensorMeta] = []
@@ -78,7 +78,7 @@ def iter_buckets(
         if arrays and used + array.nbytes > bucket_bytes:
             yield BucketMeta(index=index, tensors=tuple(metas)), arrays
             metas, arrays, used, index = [], [], 0, index + 1
-        full_crc = slices = None
+        whole = slices = None
         if checksum and slice_plans:
             specs = [plan.get(name, REPLICATED) for plan in slice_plans]
             try:
@@ -86,15 +86,15 @@ def iter_buckets(
             except WeightMismatchError as e:
                 raise WeightMismatchError(f"parameter {name!r}: {e}") from None
         elif checksum:
-            full_crc = crc32(array)
+            whole = digest(array)
         metas.append(
             TensorMeta(
                 name=name,
                 shape=array.shape,
                 dtype=dtype,
                 nbytes=array.nbytes,
-                crc32=full_crc,
-                slice_crc32=slices,
+                checksum=whole,
+                slice_checksums=slices,
             )
         )
         arrays.append(array)
@@ -104,17 +104,21 @@ def iter_buckets(
 
 
 def slice_checksums(array: np.ndarray, specs: Sequence[ShardSpec]) -> tuple[int, ...]:
-    """Checksum of each rank's slice; one entry when every rank holds the whole tensor."""
+    """Checksum of each rank's slice; one entry when every rank holds the whole tensor.
+
+    The slices are hashed together, block by block (a column slice's block is staged in a
+    small buffer, never copied whole), so the full tensor is read from memory once."""
     if all(spec.is_replicated for spec in specs):
-        return (crc32(array),)
-    return tuple(crc32(take_shard(array, spec)) for spec in specs)
+        return (digest(array),)
+    return tuple(digests([take_shard(array, spec) for spec in specs]))
 
 
 def local_checksum(meta: TensorMeta, spec: ShardSpec) -> int | None:
     """The checksum of the slice `spec` of `meta`'s tensor, where the metadata has one."""
-    if meta.slice_crc32 is not None:
-        return meta.slice_crc32[0 if len(meta.slice_crc32) == 1 else spec.index]
-    return meta.crc32 if spec.is_replicated else None
+    if meta.slice_checksums is not None:
+        sums = meta.slice_checksums
+        return sums[0 if len(sums) == 1 else spec.index]
+    return meta.checksum if spec.is_replicated else None
 
 
 def bucket_views(

@@ -171,9 +171,9 @@ class Fleet:
                     for t in meta.tensors:
                         for r in range(tp):
                             spec = plans[r].get(t.name, REPLICATED)
-                            crc = local_checksum(t, spec)
+                            checksum = local_checksum(t, spec)
                             shape = local_shape_of(t.name, spec, t.shape)
-                            digest = tensor_digest(t.name, t.dtype, shape, crc)
+                            digest = tensor_digest(t.name, t.dtype, shape, checksum)
                             digests[r].append((t.name, digest))
                 ref = ray.put(arrays)
                 del arrays

@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fd_ray_sync.checksum import combine_digests, crc32, fingerprint, tensor_digest
+from fd_ray_sync.checksum import (
+    combine_digests,
+    copy_and_digest,
+    digest,
+    fingerprint,
+    tensor_digest,
+)
 from fd_ray_sync.config import LoadConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import (
@@ -27,11 +33,11 @@ from fd_ray_sync.errors import (
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.memwatch import memory_now
 from fd_ray_sync.messages import LoadReport, TensorMeta
-from fd_ray_sync.params import param_dtype, param_shape, read_param, write_param
+from fd_ray_sync.params import host_view, param_dtype, param_shape, read_param, write_param
 from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.sources.memory import StateDictSource
 from fd_ray_sync.status import WEIGHT_TRANSITIONS, KVCacheStatus, ModelWeightsStatus
-from fd_ray_sync.tensors import all_finite, element_strides
+from fd_ray_sync.tensors import all_finite, as_storage, element_strides
 from fd_ray_sync.version import read_version_file, validate_version
 
 
@@ -50,7 +56,7 @@ class DynamicWeightManager:
         self._status = ModelWeightsStatus.NORMAL
         self.params: dict[str, Any] = self._capture(engine.models())
         # Checksums of the parameters' bytes as the last load wrote them (see load_weights).
-        self._crcs: dict[str, int] = {}
+        self._checksums: dict[str, int] = {}
         # Called with each parameter's name right after it is written (fault tests hold a
         # rank mid-write with it, then kill it).
         self.on_write: Callable[[str], None] | None = None
@@ -120,7 +126,7 @@ class DynamicWeightManager:
         return seconds
 
     def _clear_storage(self) -> None:
-        self._crcs = {}
+        self._checksums = {}
         for param in self.params.values():
             param._clear_data()
 
@@ -209,17 +215,18 @@ class DynamicWeightManager:
         `version`, the source's own (version.yaml) is used. The fleet runs this on every
         rank first and writes only once every rank said yes.
 
-        `check_after_write` moves the checksum check after the write: each parameter's bytes
-        are checksummed once, where they landed, instead of reading the source twice. Only
-        for callers that can roll back (the fleet keeps the committed version): a mismatch
-        then raises PartialUpdateError, the weights being already half new.
+        `check_after_write` moves the checksum check into the write: each parameter's bytes
+        are hashed once, block by block as they land (CPU parameters; device parameters right
+        after the write), instead of reading the source twice. Only for callers that can roll
+        back (the fleet keeps the committed version): a mismatch then raises
+        PartialUpdateError, the weights being already half new.
         """
         start = time.perf_counter()
         version = validate_version(version) if version is not None else source.version()
         streaming = source.streaming
         manifest = source.manifest()
         wanted = self._check_manifest(manifest, source.name)
-        expected = {n: manifest[n].crc32 for n in wanted}
+        expected = {n: manifest[n].checksum for n in wanted}
         check_after_write &= self.load.verify_checksum and (
             streaming or None not in expected.values()
         )
@@ -247,8 +254,8 @@ class DynamicWeightManager:
         start = time.perf_counter()
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
-        self._crcs = {}
-        crcs: dict[str, int] = {}
+        self._checksums = {}
+        sums: dict[str, int] = {}
         touched = written = nbytes = 0
         try:
             for label, chunk in source.chunks():
@@ -272,32 +279,37 @@ class DynamicWeightManager:
                             param.stride(),
                         )
                     touched += 1
-                    write_param(param, array, dtype)
+                    view = host_view(param) if check_after_write else None
+                    if view is not None and view.flags.c_contiguous:  # hashed while copied
+                        got = copy_and_digest(view, as_storage(array, dtype))
+                    else:
+                        write_param(param, array, dtype)
+                        if check_after_write:  # a device (or cleared) parameter: read back
+                            got = digest(read_param(param))
                     written += 1
                     if self.on_write is not None:
                         self.on_write(name)
                     nbytes += array.nbytes
                     if check_after_write:
-                        got = crc32(read_param(param))
                         want = expected[name] if not streaming else source.checksum(name)
                         if want is not None and got != want:
                             raise ChecksumError(
                                 f"{label}: parameter {name!r} does not match its checksum"
                             )
-                        crcs[name] = got
+                        sums[name] = got
                 self.log.debug("wrote %s", label)
         except Exception as e:
             if not touched:
                 self._status = previous  # nothing was written: the old weights still stand
                 raise
-            self._crcs = {}
+            self._checksums = {}
             raise PartialUpdateError(
                 f"rank {self.rank}: {source.name} update failed after writing {written} of "
                 f"{len(wanted)} parameters: {type(e).__name__}: {e}"
             ) from e
         finally:
             source.close()  # files and mappings go, whatever happened
-        self._crcs = crcs
+        self._checksums = sums
         _empty_device_cache()  # the old weights' blocks, where a load reallocated them
         update_s = time.perf_counter() - start
         self.version = prepared.version
@@ -365,7 +377,7 @@ class DynamicWeightManager:
     def _check_checksums(label: str, chunk: Chunk, source: WeightSource) -> None:
         for name, (array, _) in chunk.items():
             want = source.checksum(name)
-            if want is not None and crc32(array) != want:
+            if want is not None and digest(array) != want:
                 raise ChecksumError(f"{label}: parameter {name!r} does not match its checksum")
 
     # --- verify / finalize ---------------------------------------------------------------
@@ -403,9 +415,9 @@ class DynamicWeightManager:
             raise StateError(
                 f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
             )
-        if self._crcs.keys() == self.params.keys():
+        if self._checksums.keys() == self.params.keys():
             return combine_digests(
-                (n, tensor_digest(n, param_dtype(p), param_shape(p), self._crcs[n]))
+                (n, tensor_digest(n, param_dtype(p), param_shape(p), self._checksums[n]))
                 for n, p in self.params.items()
             )
         return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())

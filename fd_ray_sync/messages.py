@@ -17,8 +17,12 @@ class TensorMeta(_Message):
     dtype: str
     offset: int = Field(0, ge=0, description="Byte offset inside its bucket.")
     nbytes: int = Field(0, ge=0)
-    crc32: int | None = Field(None, description="Checksum of the bytes, when checksums are on.")
-    slice_crc32: tuple[int, ...] | None = Field(
+    checksum: int | None = Field(
+        None,
+        description="Checksum of the bytes (`fd_ray_sync.checksum.digest`, blocked xxh3-64), "
+        "when checksums are on.",
+    )
+    slice_checksums: tuple[int, ...] | None = Field(
         None,
         description="Checksum of each TP rank's slice (index = TP rank; one entry when every "
         "rank holds the whole tensor). Set by the trainer so a rank checks only its bytes.",

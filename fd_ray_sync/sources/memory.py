@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from fd_ray_sync.checksum import crc32
+from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sources.base import Chunk, WeightSource
@@ -17,7 +17,8 @@ class StateDictSource(WeightSource):
 
     A stream of pairs is drained into host memory first: every name, shape and dtype must be
     known before the first write (FastDeploy's `update_weights_by_rdma` does the same).
-    `checksums` maps name -> CRC-32 of the tensor's bytes, checked by `verify()`.
+    `checksums` maps name -> `fd_ray_sync.checksum.digest` of the tensor, checked by
+    `verify()`.
     """
 
     name = "state_dict"
@@ -40,7 +41,7 @@ class StateDictSource(WeightSource):
     def manifest(self) -> dict[str, TensorMeta]:
         return {
             n: TensorMeta(
-                name=n, shape=a.shape, dtype=d, nbytes=a.nbytes, crc32=self._checksums.get(n)
+                name=n, shape=a.shape, dtype=d, nbytes=a.nbytes, checksum=self._checksums.get(n)
             )
             for n, (a, d) in self._chunk.items()
         }
@@ -49,7 +50,7 @@ class StateDictSource(WeightSource):
         for name, want in self._checksums.items():
             if name not in self._chunk:
                 raise ChecksumError(f"checksum given for {name!r}, which is not in the update")
-            if crc32(self._chunk[name][0]) != want:
+            if digest(self._chunk[name][0]) != want:
                 raise ChecksumError(f"parameter {name!r} does not match its checksum")
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:

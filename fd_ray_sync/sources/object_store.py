@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
-from fd_ray_sync.checksum import crc32
+from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of, take_shard
@@ -59,8 +59,8 @@ class ObjectStoreSource(WeightSource):
                     update={
                         "shape": local_shape_of(t.name, spec, t.shape),
                         "nbytes": t.nbytes // max(1, spec.parts),
-                        "crc32": local_checksum(t, spec),  # of this rank's bytes
-                        "slice_crc32": None,
+                        "checksum": local_checksum(t, spec),  # of this rank's bytes
+                        "slice_checksums": None,
                     }
                 )
         return out
@@ -78,10 +78,10 @@ class ObjectStoreSource(WeightSource):
             for t, array in bucket_views(meta, self._fetch(i)):
                 spec = self.plan.get(t.name, REPLICATED)
                 want = local_checksum(t, spec)
-                if want is None and t.crc32 is not None:
-                    got, want = crc32(array), t.crc32  # only the whole tensor's is known
+                if want is None and t.checksum is not None:
+                    got, want = digest(array), t.checksum  # only the whole tensor's is known
                 elif want is not None:
-                    got = crc32(take_shard(as_storage(array, t.dtype), spec))
+                    got = digest(take_shard(as_storage(array, t.dtype), spec))
                 else:
                     continue
                 if got != want:
@@ -146,8 +146,8 @@ class BucketStreamSource(WeightSource):
             out[name] = t.model_copy(
                 update={
                     "shape": local_shape_of(name, spec, t.shape),
-                    "crc32": None,
-                    "slice_crc32": None,
+                    "checksum": None,
+                    "slice_checksums": None,
                 }
             )
         return out

@@ -14,6 +14,12 @@ id (the rank's GPU id there): by default the TP rank, so the folder a FastDeploy
 GPUs 0..tp-1 writes (`model_state.tp0.0`, `model_state.tp1.1`, ...) loads as it is. Part
 numbers must run 0..N-1; files that look like parts but are misnamed are warned about and
 ignored.
+
+Each file's safetensors metadata holds the checksum of every tensor in it, under
+`CHECKSUM_KEY` ("fd_ray_sync.xxh3": name -> `fd_ray_sync.checksum.digest`). Files written
+before xxh3 carry CRC-32s under `LEGACY_CRC_KEY` instead: `verify()` still checks those (with
+`legacy_crc32`), but they are not offered in the manifest, whose checksums are all digests,
+so such a file is checked before it is written rather than after.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fd_ray_sync.buckets import plan_parts
-from fd_ray_sync.checksum import crc32
+from fd_ray_sync.checksum import digest, legacy_crc32
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.errors import ChecksumError, SnapshotError
 from fd_ray_sync.log import get_logger
@@ -38,7 +44,8 @@ from fd_ray_sync.tensors import contiguous, to_host
 from fd_ray_sync.version import read_version_file, write_version_file
 
 EXTENSIONS = ("safetensors", "pdparams")
-CRC_KEY = "fd_ray_sync.crc32"
+CHECKSUM_KEY = "fd_ray_sync.xxh3"
+LEGACY_CRC_KEY = "fd_ray_sync.crc32"
 
 
 def snapshot_id_of(tp_rank: int, snapshot_id: int | None) -> int:
@@ -160,21 +167,32 @@ class SnapshotSource(WeightSource):
     def manifest(self) -> dict[str, TensorMeta]:
         out = {}
         for f in self._files:
-            crcs = _crcs(f)
+            sums = _checksums(f, CHECKSUM_KEY)
             for name, e in f.entries.items():
                 out[name] = TensorMeta(
-                    name=name, shape=e.shape, dtype=e.dtype, nbytes=e.nbytes, crc32=crcs.get(name)
+                    name=name,
+                    shape=e.shape,
+                    dtype=e.dtype,
+                    nbytes=e.nbytes,
+                    checksum=sums.get(name),
                 )
         return out
 
     def verify(self) -> None:
         checked = 0
         for f in self._files:
-            for name, want in _crcs(f).items():
+            key, check = CHECKSUM_KEY, digest
+            sums = _checksums(f, key)
+            if not sums:  # written before xxh3: CRC-32s, checked the old way
+                key, check = LEGACY_CRC_KEY, legacy_crc32
+                sums = _checksums(f, key)
+            for name, want in sums.items():
                 if name not in f.entries:
                     raise SnapshotError(f"{f.path}: checksum listed for missing tensor {name!r}")
-                if crc32(f.array(name)) != want:
-                    raise ChecksumError(f"{f.path}: tensor {name!r} does not match its checksum")
+                if check(f.array(name)) != want:
+                    raise ChecksumError(
+                        f"{f.path}: tensor {name!r} does not match its checksum ({key})"
+                    )
                 checked += 1
         self._log.debug("verified %d checksums in %d file(s)", checked, len(self._files))
 
@@ -192,15 +210,16 @@ class SnapshotSource(WeightSource):
             f.close()
 
 
-def _crcs(f: SafetensorsFile) -> dict[str, int]:
-    raw = f.metadata.get(CRC_KEY)
+def _checksums(f: SafetensorsFile, key: str) -> dict[str, int]:
+    """name -> checksum from a file's metadata under `key` (empty when the key is absent)."""
+    raw = f.metadata.get(key)
     if raw is None:
         return {}
     try:
-        crcs = json.loads(raw)
-        return {str(k): int(v) for k, v in crcs.items()}
+        sums = json.loads(raw)
+        return {str(k): int(v) for k, v in sums.items()}
     except (ValueError, TypeError, AttributeError) as e:
-        raise SnapshotError(f"{f.path}: corrupt {CRC_KEY} metadata: {e}") from e
+        raise SnapshotError(f"{f.path}: corrupt {key} metadata: {e}") from e
 
 
 # --- writer -----------------------------------------------------------------------------
@@ -238,8 +257,8 @@ def _write_rank_files(
         names = [f"{base}.part{i}.{ext}" for i in range(len(groups))]
     for file_name, group in zip(names, groups):
         chunk = {n: host[n] for n in group}
-        crcs = {n: crc32(a) for n, (a, _) in chunk.items()}
-        write_safetensors(folder / file_name, chunk, {CRC_KEY: json.dumps(crcs)})
+        sums = {n: digest(a) for n, (a, _) in chunk.items()}
+        write_safetensors(folder / file_name, chunk, {CHECKSUM_KEY: json.dumps(sums)})
     keep = set(names)
     for stale in folder.glob(f"{base}.*"):
         if stale.name not in keep and stale.suffix.lstrip(".") in EXTENSIONS:

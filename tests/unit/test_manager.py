@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from fd_ray_sync.checksum import crc32
+from fd_ray_sync.checksum import digest
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
@@ -211,13 +211,13 @@ def test_stride_mismatch_warns(manager, caplog):
 def test_streamed_update_checks_checksums_before_writing(manager):
     before = _values(manager)
     new = _shifted(manager)
-    sums = {n: crc32(v) for n, v in new.items()}
+    sums = {n: digest(v) for n, v in new.items()}
     stream = iter(list(new.items()))
     manager.update_from_state_dict(stream, version="2", checksums=sums)
     np.testing.assert_array_equal(manager.params["head.weight"].numpy(), new["head.weight"])
 
     newer = _shifted(manager)
-    sums = {n: crc32(v) for n, v in newer.items()}
+    sums = {n: digest(v) for n, v in newer.items()}
     sums["head.bias"] ^= 1
     with pytest.raises(ChecksumError, match="'head.bias' does not match its checksum"):
         manager.update_from_state_dict(iter(newer.items()), version="3", checksums=sums)
