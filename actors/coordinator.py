@@ -239,19 +239,19 @@ class CoordinatorActor:
     # --- launch and recovery -------------------------------------------------------------
 
     def _adopt(self) -> None:
-        """After a coordinator restart: find the ranks by name and rebuild the state."""
+        """After a coordinator restart: find the placement groups and ranks by name and
+        rebuild the state. A rank that died meanwhile is created anew (heal rebuilds it)."""
         try:
-            handles = [
-                ray.get_actor(rank_actor_name(self.config.name, r), self.config.namespace)
-                for r in range(self.world)
-            ]
             self.pgs = [
                 get_placement_group(_pg_name(self.config.name, replica))
                 for replica in range(self.config.dp)
             ]
         except ValueError:
             return  # a new fleet: start() creates everything
-        self.ranks = handles
+        if self.config.use_gpu is None:  # what start() decided, as the groups hold it
+            use_gpu = self.pgs[0].bundle_specs[0].get("GPU", 0) > 0
+            self.config = self.config.model_copy(update={"use_gpu": use_gpu})
+        self.ranks = [self._find_rank(rank) for rank in range(self.world)]
         states = []
         for rank in range(self.world):
             try:
@@ -309,6 +309,13 @@ class CoordinatorActor:
         if cfg.load.model_dir is not None:
             self.update_snapshot(str(cfg.load.model_dir), None)
         return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
+
+    def _find_rank(self, rank: int):
+        """The named rank actor, or a new one if it is gone."""
+        try:
+            return ray.get_actor(rank_actor_name(self.config.name, rank), self.config.namespace)
+        except ValueError:
+            return self._create_rank(rank, bool(self.config.use_gpu))
 
     def _create_rank(self, rank: int, use_gpu: bool):
         return WeightManagerActor.options(
@@ -945,11 +952,22 @@ class CoordinatorActor:
         return list(self.ranks)
 
     def shutdown(self) -> None:
+        """Kill every rank and remove the placement groups, found by name as well (a
+        coordinator that failed to adopt them still takes them down)."""
+        cfg = self.config
+        for rank in range(self.world):
+            try:
+                ray.kill(ray.get_actor(rank_actor_name(cfg.name, rank), cfg.namespace))
+            except ValueError:
+                pass
         for actor in self.ranks:
             ray.kill(actor, no_restart=True)
         self.ranks = []
-        for pg in self.pgs:
-            remove_placement_group(pg)
+        for replica in range(self.config.dp):
+            try:
+                remove_placement_group(get_placement_group(_pg_name(self.config.name, replica)))
+            except ValueError:
+                pass
         self.pgs = []
         self._ok = [False] * self.config.dp
 
