@@ -273,3 +273,29 @@ def test_fingerprint_tracks_values(manager):
     manager.clear_model_weight()
     with pytest.raises(StateError, match="cannot fingerprint cleared"):
         manager.fingerprint()
+
+
+def test_checks_after_write_hash_each_parameter_as_it_is_copied(manager):
+    from fd_ray_sync.checksum import fingerprint
+    from fd_ray_sync.errors import PartialUpdateError
+    from fd_ray_sync.params import param_dtype
+    from fd_ray_sync.sources.memory import StateDictSource
+
+    new = _shifted(manager)
+    sums = {n: digest(v) for n, v in new.items()}
+    manager.load_weights(StateDictSource(new, sums), "2", check_after_write=True)
+    for name, value in new.items():
+        np.testing.assert_array_equal(read_param(manager.params[name]), value)
+    # The digests taken while copying are the fingerprint's: equal to reading every byte.
+    want = fingerprint((n, param_dtype(p), value) for (n, p), value in _pairs(manager, new))
+    assert manager.fingerprint() == want
+
+    newer = _shifted(manager)
+    sums = {n: digest(v) for n, v in newer.items()}
+    sums["head.bias"] ^= 1
+    with pytest.raises(PartialUpdateError, match="'head.bias' does not match its checksum"):
+        manager.load_weights(StateDictSource(newer, sums), "3", check_after_write=True)
+
+
+def _pairs(manager, values):
+    return [((n, manager.params[n]), values[n]) for n in manager.params]
