@@ -362,8 +362,11 @@ class DynamicWeightManager:
         if missing:
             problems.append(f"missing from the update: {_some(missing)}")
         if problems:
+            more = f"; and {len(problems) - 8} more" if problems[8:] else ""
             raise WeightMismatchError(
-                f"rank {self.rank}: {src} update does not fit the model: " + "; ".join(problems)
+                f"rank {self.rank}: {src} update does not fit the model: "
+                + "; ".join(problems[:8])
+                + more
             )
         return wanted
 

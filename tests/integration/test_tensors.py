@@ -34,7 +34,8 @@ def random_bits(seed):
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in synthetic_shapes(TOTAL).items():
-        values = rng.standard_normal(shape).astype(np.float32) * 10.0 ** rng.integers(-3, 3)
+        scale = 10.0 ** int(rng.integers(-3, 3))
+        values = (rng.standard_normal(shape) * scale).astype(np.float32)
         out[name] = (values.view(np.uint32) >> 16).astype(np.uint16)
     return out
 
