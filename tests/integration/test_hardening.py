@@ -46,6 +46,18 @@ def pids(fleet):
     return {r["rank"]: r["pid"] for r in fleet.status()["ranks"]}
 
 
+def start_driver(tmp_path, source, ready):
+    """Run `source` as another Ray driver of this cluster; return once it printed `ready`."""
+    script = tmp_path / "driver.py"
+    script.write_text(source)
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
+    )
+    assert driver.stdout.readline().strip() == ready
+    return driver
+
+
 def assert_serves(fleet, state, version):
     status = fleet.status()
     assert status["version"] == str(version) and all(status["replicas_serving"]), status
@@ -198,14 +210,8 @@ TRAINER = textwrap.dedent(
 
 
 def test_a_trainer_killed_mid_feed_aborts_in_seconds_and_ranks_keep_their_weights(fleet, tmp_path):
-    script = tmp_path / "trainer.py"
-    script.write_text(TRAINER)
-    address = ray.get_runtime_context().gcs_address
-    trainer = subprocess.Popen(
-        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
-    )
+    trainer = start_driver(tmp_path, TRAINER, "feeding")
     try:
-        assert trainer.stdout.readline().strip() == "feeding"
         time.sleep(2.0)  # ranks are in the load phase now, waiting for bucket 0
         before = pids(fleet)
         trainer.send_signal(signal.SIGKILL)
@@ -296,14 +302,8 @@ def _leftovers(name):
 
 
 def test_a_fleet_whose_driver_dies_leaves_no_actor_and_no_reservation(ray_cluster, tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    address = ray.get_runtime_context().gcs_address
-    driver = subprocess.Popen(
-        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
-    )
+    driver = start_driver(tmp_path, DRIVER, "up")
     try:
-        assert driver.stdout.readline().strip() == "up"
         actors, groups = _leftovers("orphan")
         assert len(actors) == 3 and len(groups) == 1  # coordinator, 2 ranks; one replica
         driver.send_signal(signal.SIGKILL)
