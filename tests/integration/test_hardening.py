@@ -54,7 +54,11 @@ def start_driver(tmp_path, source, ready):
     driver = subprocess.Popen(
         [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
     )
-    assert driver.stdout.readline().strip() == ready
+    line = driver.stdout.readline().strip()
+    if line != ready:
+        driver.kill()
+        driver.wait()
+        raise AssertionError(f"the driver printed {line!r}, not {ready!r}")
     return driver
 
 
