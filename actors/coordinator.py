@@ -39,6 +39,7 @@ from fd_ray_sync.errors import (
     VerificationError,
     VersionError,
 )
+from fd_ray_sync.feed import BucketFeed, relay_plan
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import (
     GenerationResult,
@@ -56,159 +57,6 @@ TRAINER_POLL_S = 0.5  # how often a running update asks whether its trainer stil
 
 def rank_actor_name(fleet: str, rank: int) -> str:
     return f"{fleet}.rank{rank}"
-
-
-class _Feed:
-    """One pipelined update's buckets, as the trainer puts them and the ranks take them.
-
-    Before putting another bucket, the trainer waits until every rank has written the one
-    `ahead` places back (backpressure); a rank asks for bucket i+1 before writing bucket
-    i, saying which ones it has written. Calls run in the coordinator's feed threads in
-    no guaranteed order, so buckets are kept by index and the end may be announced before
-    the last bucket is in; and no caller sends a call that another of its calls waiting
-    here depends on. Closing wakes every waiter with the reason (the update failed/ended).
-    """
-
-    def __init__(self, ranks: int, keep: bool):
-        self.cond = threading.Condition()
-        self.buckets: dict[int, list] = {}  # index -> [meta, ref]; ref None once released
-        # The relay chain (see `relay_plan`): rank -> node, node -> node it fetches from,
-        # ranks that re-put each bucket for the next node, and those copies by (node, index).
-        self.node_of: dict[int, str] = {}
-        self.source: dict[str, str] = {}
-        self.relayers: set[int] = set()
-        self.relayed: dict[tuple[str, int], object] = {}
-        self.count: int | None = None  # set when the trainer has put the last bucket
-        self.expected: dict[int, str] | None = None
-        self.written = [-1] * ranks
-        self.released = -1  # buckets up to here are released (keep off)
-        self.keep = keep
-        self.closed: str | None = None
-
-    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        if not self.cond.wait_for(lambda: self.closed is not None or ready(), timeout):
-            raise StateError(f"{what} within {timeout:g}s")
-        if self.closed is not None:
-            raise StateError(self.closed)
-
-    def _complete(self) -> bool:
-        return self.count is not None and len(self.buckets) == self.count
-
-    def add(self, meta: BucketMeta, ref) -> None:
-        with self.cond:
-            if self.closed is not None:
-                raise StateError(self.closed)
-            if meta.index in self.buckets or (self.count is not None and meta.index >= self.count):
-                raise StateError(f"bucket {meta.index} fed twice or after the end")
-            self.buckets[meta.index] = [meta, ref]
-            self.cond.notify_all()
-
-    def wait_written(self, index: int, timeout: float) -> None:
-        with self.cond:
-            self._wait(lambda: min(self.written) >= index, timeout, f"ranks did not write {index}")
-
-    def end(self, count: int, expected: dict[int, str] | None) -> None:
-        with self.cond:
-            if self.closed is not None:
-                raise StateError(self.closed)
-            if any(i >= count for i in self.buckets):
-                raise StateError(f"the trainer ended after {count} buckets, more were fed")
-            self.count, self.expected = count, expected
-            self.cond.notify_all()
-
-    def wait_closed(self, timeout: float) -> bool:
-        """True once the feed is closed (waits up to `timeout` seconds)."""
-        with self.cond:
-            return self.cond.wait_for(lambda: self.closed is not None, timeout)
-
-    def close(self, reason: str) -> None:
-        with self.cond:
-            if self.closed is None:
-                self.closed = reason
-                for entry in self.buckets.values():  # the transaction keeps what it needs
-                    entry[1] = None
-                self.relayed.clear()
-                self.cond.notify_all()
-
-    def take(self, rank: int, index: int, done: int, timeout: float):
-        """Bucket `index` for `rank`, which has written every bucket up to `done`; None
-        after the last bucket."""
-        with self.cond:
-            self.written[rank] = max(self.written[rank], done)
-            self._release(min(self.written))
-            self.cond.notify_all()
-            upstream = self.source.get(self.node_of.get(rank, ""))
-
-            def arrived() -> bool:
-                if index == self.count and self._complete():
-                    return True
-                return index in self.buckets and (
-                    upstream is None or (upstream, index) in self.relayed
-                )
-
-            self._wait(arrived, timeout, f"bucket {index} did not arrive (is the trainer alive?)")
-            if index not in self.buckets:
-                return None
-            meta, origin = self.buckets[index]
-            ref = origin if upstream is None else self.relayed[(upstream, index)]
-            if ref is None:
-                raise StateError(f"bucket {index} was already released")
-            return {"meta": meta, "ref": [ref], "origin": [origin], "relay": rank in self.relayers}
-
-    def relay(self, node: str, index: int, ref) -> None:
-        """`node` holds its own copy of bucket `index` now: the next node fetches it there."""
-        with self.cond:
-            if self.closed is None:
-                self.relayed[(node, index)] = ref
-                self.cond.notify_all()
-
-    def _release(self, written: int) -> None:
-        """Drop the relayed copies every rank has written, and (no committed copy) the
-        buckets themselves: the store frees them."""
-        for key in [k for k in self.relayed if k[1] <= written]:
-            del self.relayed[key]
-        if not self.keep:
-            for i in range(self.released + 1, written + 1):
-                self.buckets[i][1] = None
-            self.released = max(self.released, written)
-
-    def wait_all(self, timeout: float) -> tuple[tuple[BucketMeta, ...], tuple]:
-        with self.cond:
-            self._wait(self._complete, timeout, "the trainer did not finish")
-            return self.metas(), self.refs()
-
-    def metas(self) -> tuple[BucketMeta, ...]:
-        return tuple(self.buckets[i][0] for i in sorted(self.buckets))
-
-    def refs(self) -> tuple:
-        return tuple(self.buckets[i][1] for i in sorted(self.buckets))
-
-    def progress(self) -> dict:
-        with self.cond:
-            return {"buckets_put": len(self.buckets), "written": [w + 1 for w in self.written]}
-
-
-def relay_plan(nodes: dict[int, str], trainer_node: str | None) -> tuple[dict, set]:
-    """The chain of rank nodes a pipelined update travels along.
-
-    Ranks on the trainer's node read its buckets in place. The other nodes, in order of
-    their lowest rank, form a chain: the first fetches each bucket from the trainer's node,
-    its lowest rank re-puts it there, the next node fetches that copy, and so on. Returns
-    (node -> the node it fetches from, ranks that re-put); with fewer than two such nodes
-    there is nothing to relay.
-    """
-    chain: list[str] = []
-    for rank in sorted(nodes):
-        node = nodes[rank]
-        if node != trainer_node and node not in chain:
-            chain.append(node)
-    if len(chain) < 2:
-        return {}, set()
-    source = {chain[k]: chain[k - 1] for k in range(1, len(chain))}
-    first_rank: dict[str, int] = {}
-    for rank in sorted(nodes):
-        first_rank.setdefault(nodes[rank], rank)
-    return source, {first_rank[node] for node in chain[:-1]}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
@@ -232,7 +80,7 @@ class CoordinatorActor:
         self._pids: dict[int, int] = {}  # rank -> the process set up (a restart changes it)
         self._fingerprints: dict[int, str | None] = {}  # rank -> committed fingerprint
         self._down: dict[int, str] = {}  # replica -> why it does not serve
-        self._feeds: dict[str, _Feed] = {}
+        self._feeds: dict[str, BucketFeed] = {}
         self._feeds_lock = threading.Lock()
         self._adopt()
 
@@ -582,11 +430,11 @@ class CoordinatorActor:
     # ranks already write the first ones. These methods run in the "feed" threads, beside
     # the transaction running in the main thread.
 
-    def _feed(self, uid: str) -> _Feed:
+    def _feed(self, uid: str) -> BucketFeed:
         with self._feeds_lock:
             feed = self._feeds.get(uid)
             if feed is None:
-                feed = self._feeds[uid] = _Feed(self.world, self.config.keep_committed)
+                feed = self._feeds[uid] = BucketFeed(self.world, self.config.keep_committed)
                 ended = [u for u, f in self._feeds.items() if f.closed is not None]
                 for old in ended[:-8]:  # keep a few, for late calls to find them closed
                     del self._feeds[old]
@@ -613,7 +461,7 @@ class CoordinatorActor:
 
     @ray.method(concurrency_group="feed")
     def take_bucket(self, uid: str, rank: int, index: int, done: int):
-        """Bucket `index` for `rank` (see `_Feed.take`), or None after the last; `rank`
+        """Bucket `index` for `rank` (see `BucketFeed.take`), or None after the last; `rank`
         has written every bucket up to `done`."""
         return self._feed(uid).take(rank, index, done, self.config.phase_timeout_s)
 
@@ -665,7 +513,7 @@ class CoordinatorActor:
             feed.close("the update ended")
 
     @staticmethod
-    def _watch_trainer(feed: _Feed, trainer: ProcessRef) -> None:
+    def _watch_trainer(feed: BucketFeed, trainer: ProcessRef) -> None:
         """Close `feed` as soon as the trainer feeding it is dead: ranks waiting for its next
         bucket stop at once instead of at the phase timeout."""
         while not feed.wait_closed(TRAINER_POLL_S):
@@ -683,7 +531,7 @@ class CoordinatorActor:
         return self._transaction(SourceSpec("snapshot", version, folder=folder), None, force)
 
     def _transaction(
-        self, spec: SourceSpec, feed: _Feed | None = None, force: bool = False
+        self, spec: SourceSpec, feed: BucketFeed | None = None, force: bool = False
     ) -> UpdateReport:
         """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
         if not self.ranks:

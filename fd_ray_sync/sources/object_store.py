@@ -13,7 +13,7 @@ Two forms:
   rank writes the first ones; each bucket is checked against the announcement and its
   checksums as it arrives, and the rank's request for the next bucket reports what it has
   written (the trainer's backpressure). Ranks on a relay chain re-put each bucket for the
-  next node (see `actors.coordinator.relay_plan`).
+  next node (see `fd_ray_sync.feed.relay_plan`).
 """
 
 from __future__ import annotations

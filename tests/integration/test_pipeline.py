@@ -2,7 +2,6 @@
 trainer stays at most `buckets_in_flight` ahead, and a stream that breaks mid-way changes
 nothing a reader can see."""
 
-import threading
 import time
 
 import numpy as np
@@ -10,12 +9,11 @@ import pytest
 import ray
 from test_fleet import expected_fingerprints
 
-from actors.coordinator import _Feed, relay_plan
-from fd_ray_sync.buckets import BucketMeta, iter_buckets
+from fd_ray_sync.buckets import iter_buckets
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
-from fd_ray_sync.errors import RankFailed, StateError
+from fd_ray_sync.errors import RankFailed
 from fd_ray_sync.fleet import Fleet, _StoreRoom
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.ray_stats import local_store_room
@@ -107,40 +105,6 @@ def test_a_stream_missing_an_announced_tensor_is_rolled_back(fleet):
     assert_holds(fleet, state, 4)
 
 
-def test_the_feed_holds_the_trainer_back_until_every_rank_wrote():
-    """The coordinator's feed on its own (plain threads): the trainer's wait returns once
-    every rank reported the bucket written; ranks wait for buckets; closing wakes all."""
-    feed = _Feed(ranks=2, keep=False)
-    meta = [BucketMeta(index=i, tensors=()) for i in range(3)]
-    feed.add(meta[0], "ref0")
-    feed.add(meta[1], "ref1")
-    returned = threading.Event()
-    t = threading.Thread(target=lambda: (feed.wait_written(0, 5), returned.set()))
-    t.start()
-    assert feed.take(0, 0, -1, timeout=5)["ref"] == ["ref0"]
-    assert feed.take(0, 1, 0, timeout=5)["ref"] == ["ref1"]  # rank 0 wrote bucket 0
-    assert not returned.wait(0.3)  # rank 1 has not
-    assert feed.take(1, 1, 0, timeout=5)["meta"] == meta[1]
-    assert returned.wait(5)
-    t.join()
-    assert feed.refs()[:2] == (None, "ref1")  # keep=False: a bucket all ranks wrote is freed
-    errors = []
-
-    def take_next():
-        try:
-            feed.take(0, 2, 1, timeout=5)
-        except StateError as e:
-            errors.append(str(e))
-
-    waiter = threading.Thread(target=take_next)
-    waiter.start()
-    feed.close("the update failed")
-    waiter.join(5)
-    assert errors == ["the update failed"]
-    with pytest.raises(StateError, match="the update failed"):
-        feed.add(meta[2], "ref2")
-
-
 def test_an_iterator_is_gathered_then_checked_whole(fleet):
     """Names not known up front: no bucket is written before the last one is put."""
     state = init_full_state_dict(TINY, seed=6)
@@ -155,28 +119,6 @@ def test_an_iterator_is_gathered_then_checked_whole(fleet):
     fleet.push_buckets(watched(), 6)
     assert seen and all(max(p["written"]) == 0 for p in seen)
     assert_holds(fleet, state, 6)
-
-
-def test_the_relay_chain_starts_next_to_the_trainer_and_each_node_feeds_the_next():
-    nodes = {0: "A", 1: "A", 2: "B", 3: "B", 4: "T", 5: "C"}  # T: the trainer's node
-    source, relayers = relay_plan(nodes, trainer_node="T")
-    assert source == {"B": "A", "C": "B"}  # A fetches from T; nobody fetches from C
-    assert relayers == {0, 2}  # the lowest rank of A and of B re-puts for the next node
-    assert relay_plan({0: "A", 1: "A", 2: "T"}, "T") == ({}, set())  # one node: no chain
-
-
-def test_a_rank_gets_its_nodes_copy_once_the_node_before_relayed_it():
-    feed = _Feed(ranks=2, keep=True)
-    feed.node_of = {0: "A", 1: "B"}
-    feed.source, feed.relayers = {"B": "A"}, {0}
-    feed.add(BucketMeta(index=0, tensors=()), "origin0")
-    first = feed.take(0, 0, -1, timeout=5)
-    assert (first["ref"], first["relay"]) == (["origin0"], True)
-    with pytest.raises(StateError, match="bucket 0 did not arrive"):
-        feed.take(1, 0, -1, timeout=0.2)  # node A has not handed its copy on yet
-    feed.relay("A", 0, "copy-on-A")
-    second = feed.take(1, 0, -1, timeout=5)
-    assert (second["ref"], second["origin"], second["relay"]) == (["copy-on-A"], ["origin0"], False)
 
 
 def test_a_trainer_that_connects_feeds_as_the_fleet_was_configured(fleet):
