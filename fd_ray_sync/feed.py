@@ -10,9 +10,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.errors import StateError
+
+
+@dataclass(frozen=True)
+class BucketTicket:
+    """What a rank gets for its next bucket (`BucketFeed.take`)."""
+
+    meta: BucketMeta
+    ref: Any  # the copy to fetch: the trainer's, or the previous node's relayed one
+    origin: Any  # the trainer's copy (the one the committed version keeps)
+    relay: bool  # this rank re-puts the bucket for the next node on the chain
 
 
 class BucketFeed:
@@ -110,7 +122,7 @@ class BucketFeed:
             ref = origin if upstream is None else self.relayed[(upstream, index)]
             if ref is None:
                 raise StateError(f"bucket {index} was already released")
-            return {"meta": meta, "ref": [ref], "origin": [origin], "relay": rank in self.relayers}
+            return BucketTicket(meta=meta, ref=ref, origin=origin, relay=rank in self.relayers)
 
     def relay(self, node: str, index: int, ref) -> None:
         """`node` holds its own copy of bucket `index` now: the next node fetches it there."""

@@ -106,9 +106,9 @@ class ObjectStoreSource(WeightSource):
 class BucketStreamSource(WeightSource):
     """A rank's view of a pipelined update: buckets arrive while it writes.
 
-    `request(i)` returns an ObjectRef of bucket i as a dict (`meta`; `ref`, the copy to
-    fetch, inside a list; `origin`, the trainer's; `relay`, whether this rank re-puts it
-    for the next node), or of None after the last one. It is called for bucket i+1 before
+    `request(i)` returns an ObjectRef of bucket i's `fd_ray_sync.feed.BucketTicket` (its
+    meta; the copy to fetch; the trainer's copy; whether this rank re-puts it for the next
+    node), or of None after the last one. It is called for bucket i+1 before
     bucket i is written, so it also tells the feed that every bucket up to i-1 is written.
     `relay(i, [ref])` hands on this node's copy of bucket i. `announced` lists every tensor
     (full shapes) the trainer will send. With `keep`, the trainer's bucket refs are
@@ -165,15 +165,15 @@ class BucketStreamSource(WeightSource):
             item = ray.get(pending)
             if item is None:
                 break
-            meta, (ref,) = item["meta"], item["ref"]
+            meta, ref = item.meta, item.ref
             if meta.index != i:
                 raise WeightMismatchError(f"bucket {meta.index} arrived where {i} was due")
             arrays = ray.get(ref)
-            if item["relay"]:  # this node's own copy, for the next node to fetch
+            if item.relay:  # this node's own copy, for the next node to fetch
                 self._relay(i, [ray.put(arrays)])
             pending = self._request(i + 1)  # ask for the next bucket before writing this one
             if ray.wait([pending], timeout=0)[0] and (nxt := ray.get(pending)) is not None:
-                ray.wait(nxt["ref"], fetch_local=True, timeout=0)  # start pulling it here
+                ray.wait([nxt.ref], fetch_local=True, timeout=0)  # start pulling it here
             chunk: Chunk = {}
             for t, array in bucket_views(meta, arrays):
                 want = self.announced.get(t.name)
@@ -191,7 +191,7 @@ class BucketStreamSource(WeightSource):
                 chunk[t.name] = (take_shard(as_storage(array, t.dtype), spec), t.dtype)
             if self._keep:
                 self.metas.append(meta)
-                self.refs.append(item["origin"][0])
+                self.refs.append(item.origin)
             del arrays, ref
             yield f"bucket {i}", chunk
             del chunk

@@ -20,10 +20,10 @@ def test_the_feed_holds_the_trainer_back_until_every_rank_wrote():
     returned = threading.Event()
     t = threading.Thread(target=lambda: (feed.wait_written(0, 5), returned.set()))
     t.start()
-    assert feed.take(0, 0, -1, timeout=5)["ref"] == ["ref0"]
-    assert feed.take(0, 1, 0, timeout=5)["ref"] == ["ref1"]  # rank 0 wrote bucket 0
+    assert feed.take(0, 0, -1, timeout=5).ref == "ref0"
+    assert feed.take(0, 1, 0, timeout=5).ref == "ref1"  # rank 0 wrote bucket 0
     assert not returned.wait(0.3)  # rank 1 has not
-    assert feed.take(1, 1, 0, timeout=5)["meta"] == meta[1]
+    assert feed.take(1, 1, 0, timeout=5).meta == meta[1]
     assert returned.wait(5)
     t.join()
     assert feed.refs()[:2] == (None, "ref1")  # keep=False: a bucket all ranks wrote is freed
@@ -58,12 +58,12 @@ def test_a_rank_gets_its_nodes_copy_once_the_node_before_relayed_it():
     feed.source, feed.relayers = {"B": "A"}, {0}
     feed.add(BucketMeta(index=0, tensors=()), "origin0")
     first = feed.take(0, 0, -1, timeout=5)
-    assert (first["ref"], first["relay"]) == (["origin0"], True)
+    assert (first.ref, first.relay) == ("origin0", True)
     with pytest.raises(StateError, match="bucket 0 did not arrive"):
         feed.take(1, 0, -1, timeout=0.2)  # node A has not handed its copy on yet
     feed.relay("A", 0, "copy-on-A")
     second = feed.take(1, 0, -1, timeout=5)
-    assert (second["ref"], second["origin"], second["relay"]) == (["copy-on-A"], ["origin0"], False)
+    assert (second.ref, second.origin, second.relay) == ("copy-on-A", "origin0", False)
 
 
 def test_wait_closed_wakes_a_watcher_when_the_feed_closes():
