@@ -6,10 +6,10 @@ at a time (status questions have their own concurrency group), so generation req
 for a running update to commit or abort and never see two versions.
 
 Failures: any error, timeout or dead rank aborts the update on every rank. Replicas with a
-dead or hung rank are rebuilt (their rank processes restarted by Ray, their world and groups
-formed again) and load the committed version; the other replicas roll back to it. Rank
-actors and the placement group are detached and named, so a restarted coordinator finds
-them and rebuilds its state from what the ranks report.
+dead or hung rank are rebuilt (their rank processes replaced, their world and groups
+formed again) and load the committed version; replicas whose ranks wrote nothing resume,
+the others roll back to it. Rank actors and the placement groups are named, so a restarted
+coordinator finds them and rebuilds its state from what the ranks report.
 """
 
 from __future__ import annotations
@@ -306,9 +306,9 @@ class CoordinatorActor:
         self._down[replica] = f"{type(error).__name__}: {error}"
         self.log.error("replica %d is down: %s", replica, self._down[replica])
 
-    def _restarted(self, ranks: Iterable[int]) -> set[int]:
-        """Those of `ranks` that are not the process this coordinator set up: Ray restarted
-        them (a fresh, empty process), or they do not answer."""
+    def _lost(self, ranks: Iterable[int]) -> set[int]:
+        """Those of `ranks` that are not the process this coordinator set up: dead, replaced
+        by a fresh, empty process, or not answering."""
         refs = {r: self.ranks[r].incarnation.remote() for r in ranks}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=10)
         stale = set()
@@ -321,12 +321,12 @@ class CoordinatorActor:
                 stale.add(rank)
         return stale
 
-    def _rebuild_restarted(self, replicas: Iterable[int] | None = None) -> None:
-        """Rebuild the replicas (all, or those given) with a rank Ray restarted while idle."""
+    def _rebuild_lost(self, replicas: Iterable[int] | None = None) -> None:
+        """Rebuild the replicas (all, or those given) with a rank lost while idle."""
         replicas = range(self.config.dp) if replicas is None else replicas
         ranks = [r for rep in replicas for r in self._replica_ranks(rep)]
-        for replica in sorted({r // self.config.tp for r in self._restarted(ranks)}):
-            self.log.warning("replica %d has a restarted rank: rebuilding it", replica)
+        for replica in sorted({r // self.config.tp for r in self._lost(ranks)}):
+            self.log.warning("replica %d lost a rank: rebuilding it", replica)
             try:
                 self._rebuild_replica(replica)
             except Exception as e:  # noqa: BLE001 - reported in status; the replica stays down
@@ -548,11 +548,11 @@ class CoordinatorActor:
             return out
 
         # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml);
-        # a replica whose rank Ray restarted while idle is rebuilt first.
+        # a replica that lost a rank while idle is rebuilt first.
         if spec.version is not None:
             validate_version(spec.version)
             self._check_newer(spec.version, force)
-        self._rebuild_restarted()
+        self._rebuild_lost()
         # 2. prepare: every rank checks everything it can know before writing; nothing
         # pauses, enters a collective or writes until every rank said yes. A refusal costs
         # the checks and changes nothing.
@@ -706,8 +706,8 @@ class CoordinatorActor:
         for attempt in (0, 1):
             chosen = self._pick_replica(replica)
             ranks = self._replica_ranks(chosen)
-            if self._restarted(ranks):
-                self._rebuild_restarted([chosen])
+            if self._lost(ranks):
+                self._rebuild_lost([chosen])
                 chosen = self._pick_replica(replica)
                 ranks = self._replica_ranks(chosen)
             try:

@@ -278,8 +278,8 @@ class WeightManagerActor:
 
     @ray.method(concurrency_group="status")
     def incarnation(self) -> int | None:
-        """This process's pid once it is set up (None before): a rank Ray restarted comes
-        back as a new, empty process."""
+        """This process's pid once it is set up (None before): the coordinator tells a rank
+        it set up from a dead or replaced one by it."""
         return os.getpid() if self.manager is not None else None
 
     @ray.method(concurrency_group="status")

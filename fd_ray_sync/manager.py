@@ -245,12 +245,8 @@ class DynamicWeightManager:
         A failure before the first parameter was touched re-raises as it is, the old weights
         (and status) standing; after it, PartialUpdateError: this rank holds mixed weights.
         """
-        source, wanted, check_after_write = (
-            prepared.source,
-            prepared.wanted,
-            prepared.check_after_write,
-        )
-        expected, streaming = prepared.expected, source.streaming
+        source, wanted, expected = prepared.source, prepared.wanted, prepared.expected
+        check_after_write, streaming = prepared.check_after_write, source.streaming
         start = time.perf_counter()
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
@@ -302,7 +298,6 @@ class DynamicWeightManager:
             if not touched:
                 self._status = previous  # nothing was written: the old weights still stand
                 raise
-            self._checksums = {}
             raise PartialUpdateError(
                 f"rank {self.rank}: {source.name} update failed after writing {written} of "
                 f"{len(wanted)} parameters: {type(e).__name__}: {e}"
