@@ -27,7 +27,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.weight_manager import EngineFactory, SourceSpec, WeightManagerActor
+from actors.weight_manager import EngineFactory, WeightManagerActor
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.config import FEED_THREADS, FleetConfig
 from fd_ray_sync.errors import (
@@ -45,10 +45,12 @@ from fd_ray_sync.messages import (
     GenerationResult,
     LoadReport,
     PrepareReport,
-    TensorMeta,
     UpdateReport,
 )
 from fd_ray_sync.ray_stats import ProcessRef, is_alive
+from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources.object_store import ObjectStoreSpec
+from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.version import is_newer, validate_version
 
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -72,7 +74,7 @@ class CoordinatorActor:
         self.version: str | None = None
         # Where the committed version came from, kept until the next commit so an aborted
         # update (or a restarted rank) can load it again.
-        self._committed: SourceSpec | None = None
+        self._committed: TransportSpec | None = None
         self._ok = [False] * config.dp  # replica -> serving the committed version
         self._cleared = False
         self._next_replica = 0
@@ -155,7 +157,7 @@ class CoordinatorActor:
             self._form_replica(replica)
         self.log.info("fleet %s up: dp=%d x tp=%d on %s", cfg.name, cfg.dp, cfg.tp, bundle)
         if cfg.load.model_dir is not None:
-            self.update_snapshot(str(cfg.load.model_dir), None)
+            self.update(SnapshotSpec(None, folder=str(cfg.load.model_dir)))
         return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
 
     def _find_rank(self, rank: int):
@@ -472,7 +474,7 @@ class CoordinatorActor:
     def update_stream(
         self,
         uid: str,
-        announced: list[TensorMeta] | None,
+        spec: TransportSpec | None,
         version: str,
         force: bool = False,
         trainer_node: str | None = None,
@@ -480,32 +482,24 @@ class CoordinatorActor:
     ) -> UpdateReport:
         """Load the update the trainer feeds under `uid`.
 
-        With `announced` (every tensor's name, full shape and dtype), ranks check it before
-        the first write and write buckets as they arrive. Without, the update is gathered
-        first (every bucket put), then checked whole before anything is written. While the
-        feed is open, `trainer` is watched: its death closes the feed within a second.
+        `spec` is the streaming transport's description of the update (its announced
+        tensors: ranks check them before the first write and write buckets as they arrive).
+        None: the update is gathered first (every bucket put in the object store), then
+        checked whole before anything is written. While the feed is open, `trainer` is
+        watched: its death closes the feed within a second.
         """
         feed = self._feed(uid)
         if trainer is not None:
             threading.Thread(target=self._watch_trainer, args=(feed, trainer), daemon=True).start()
         try:
-            if announced is None:
+            if spec is None:
                 metas, refs = feed.wait_all(self.config.phase_timeout_s)
-                spec = SourceSpec("buckets", version, metas, refs)
-            else:
-                if self.config.relay:
-                    with feed.cond:
-                        feed.node_of = dict(self._nodes)
-                        feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)
-                spec = SourceSpec(
-                    "stream",
-                    version,
-                    announced=tuple(announced),
-                    feed=ray.get_runtime_context().current_actor,
-                    uid=uid,
-                    keep=self.config.keep_committed,
-                )
-            return self._transaction(spec, feed, force)
+                spec = ObjectStoreSpec(version, metas, refs)
+            elif self.config.relay:
+                with feed.cond:
+                    feed.node_of = dict(self._nodes)
+                    feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)
+            return self._transaction(spec.with_version(version), feed, force)
         except Exception as e:
             feed.close(f"the update failed: {type(e).__name__}: {e}")
             raise
@@ -525,13 +519,13 @@ class CoordinatorActor:
                 feed.close(f"the trainer ({trainer}) died")
                 return
 
-    def update_snapshot(
-        self, folder: str, version: str | None, force: bool = False
-    ) -> UpdateReport:
-        return self._transaction(SourceSpec("snapshot", version, folder=folder), None, force)
+    def update(self, spec: TransportSpec, force: bool = False) -> UpdateReport:
+        """Load an update whose bytes are all in place already (a snapshot folder, the
+        trainer's registered storage)."""
+        return self._transaction(spec, None, force)
 
     def _transaction(
-        self, spec: SourceSpec, feed: BucketFeed | None = None, force: bool = False
+        self, spec: TransportSpec, feed: BucketFeed | None = None, force: bool = False
     ) -> UpdateReport:
         """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
         if not self.ranks:
@@ -539,7 +533,7 @@ class CoordinatorActor:
         phase_s: dict[str, float] = {}
         start = time.perf_counter()
         everyone = set(range(self.world))
-        close_feed = feed.close if spec.kind == "stream" else None
+        close_feed = feed.close if spec.streaming else None
 
         def timed(name, call, on_failure=None):
             t = time.perf_counter()
@@ -556,7 +550,9 @@ class CoordinatorActor:
         # 2. prepare: every rank checks everything it can know before writing; nothing
         # pauses, enters a collective or writes until every rank said yes. A refusal costs
         # the checks and changes nothing.
-        after = self._committed is not None and self._committed.restorable and not self._cleared
+        after = spec.check_while_copying or (
+            self._committed is not None and self._committed.restorable and not self._cleared
+        )
         try:
             prepared = timed("prepare", lambda a: a.prepare.remote(spec, after), close_feed)
             loaded = self._agreed_version(spec, prepared, force)
@@ -589,8 +585,8 @@ class CoordinatorActor:
                 raise
             touched = everyone
             expected = feed.expected if feed is not None else None
-            if spec.kind == "stream":  # what the ranks received, to restore it later
-                spec = SourceSpec("buckets", loaded, feed.metas(), feed.refs())
+            if spec.streaming:  # what the ranks received, to restore it later
+                spec = spec.received(feed)
             # 7. verify: every parameter loaded, fingerprints as the trainer computed them.
             fp = self.config.fingerprint or bool(expected)
             checks = timed("verify", lambda a: a.verify.remote(fp))
@@ -616,7 +612,7 @@ class CoordinatorActor:
         self._cleared = False
         report = UpdateReport(
             version=loaded,
-            nbytes=sum(m.nbytes for m in spec.metas) or sum(r.nbytes for r in reports.values()),
+            nbytes=spec.nbytes or sum(r.nbytes for r in reports.values()),
             phase_s=phase_s,
             total_s=time.perf_counter() - start,
             ranks=tuple(reports[r] for r in sorted(reports)),
@@ -631,12 +627,12 @@ class CoordinatorActor:
         return report
 
     def _agreed_version(
-        self, spec: SourceSpec, prepared: dict[int, PrepareReport], force: bool
+        self, spec: TransportSpec, prepared: dict[int, PrepareReport], force: bool
     ) -> str:
         """The version the update loads: the one given, or the one every rank's source
         records. A source recording another version than the one given is stale."""
         recorded = {r: p.recorded_version for r, p in prepared.items()}
-        where = f" in {spec.folder}" if spec.folder else ""
+        where = spec.where
         if spec.version is None:
             found = set(recorded.values())
             if len(found) != 1 or None in found:

@@ -9,17 +9,14 @@ before it serves again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import ray
 
-from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
@@ -27,46 +24,11 @@ from fd_ray_sync.errors import PartialUpdateError, StateError, VersionError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
-from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
-from fd_ray_sync.sources.base import WeightSource
-from fd_ray_sync.sources.object_store import BucketStreamSource, ObjectStoreSource
-from fd_ray_sync.sources.snapshot import SnapshotSource
+from fd_ray_sync.messages import LoadReport, PrepareReport
+from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 
 EngineFactory = Callable[[ParallelConfig, CommGroups], InferenceEngine]
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """Where a version's weights are: bucket refs in the object store, a snapshot folder, or
-    (while a pipelined update runs) the coordinator's feed of buckets still being put.
-
-    Small enough to send to every rank; the refs keep the buckets alive while anyone holds it.
-    """
-
-    kind: str  # "buckets", "snapshot" or "stream"
-    version: str | None
-    metas: tuple[BucketMeta, ...] = ()
-    refs: tuple = field(default=(), repr=False)
-    folder: str | None = None
-    # "stream" only: the tensors the trainer announced, and where to take the buckets from.
-    announced: tuple[TensorMeta, ...] = field(default=(), repr=False)
-    feed: object = field(default=None, repr=False)  # the CoordinatorActor
-    uid: str | None = None
-    keep: bool = True  # collect the refs, to name the committed data afterwards
-
-    def with_version(self, version: str) -> SourceSpec:
-        return dataclasses.replace(self, version=version)
-
-    def without_data(self) -> SourceSpec:
-        """The version alone: bucket refs dropped, so the store can free them."""
-        if self.kind == "snapshot":
-            return self
-        return SourceSpec("buckets", self.version)
-
-    @property
-    def restorable(self) -> bool:
-        return self.kind == "snapshot" or bool(self.refs)
 
 
 def _free_endpoint() -> str:
@@ -92,9 +54,9 @@ class WeightManagerActor:
         self.manager: DynamicWeightManager | None = None
         self.endpoint = _free_endpoint()
         self._fingerprint: str | None = None
-        self._pending: SourceSpec | None = None
-        self._prepared: tuple[SourceSpec, PreparedLoad] | None = None
-        self.committed: SourceSpec | None = None
+        self._pending: TransportSpec | None = None
+        self._prepared: tuple[TransportSpec, PreparedLoad] | None = None
+        self.committed: TransportSpec | None = None
         self.committed_fingerprints: dict[int, str | None] = {}
         self._watch: AnonPeak | None = None
 
@@ -144,7 +106,7 @@ class WeightManagerActor:
         m = self._manager()
         return m.restart_communication_group() + m.recreate_ep_buffer()
 
-    def prepare(self, spec: SourceSpec, check_after_write: bool = False) -> PrepareReport:
+    def prepare(self, spec: TransportSpec, check_after_write: bool = False) -> PrepareReport:
         """Open `spec`'s source and check everything about it that can be known before
         writing; nothing changes and the rank keeps serving. The coordinator lets ranks
         write (`load`) only once every rank said yes here.
@@ -182,10 +144,7 @@ class WeightManagerActor:
             raise
         self._engine().alloc_kv_cache()
         self._fingerprint = None
-        source = prepared.source
-        if isinstance(source, BucketStreamSource):  # the data is now known bucket by bucket
-            spec = SourceSpec("buckets", spec.version, tuple(source.metas), tuple(source.refs))
-        self._pending = spec.with_version(report.version)
+        self._pending = prepared.source.received(spec).with_version(report.version)
         return report
 
     def _discard(self) -> None:
@@ -194,26 +153,10 @@ class WeightManagerActor:
             self._prepared[1].source.close()
             self._prepared = None
 
-    def _open(self, spec: SourceSpec) -> WeightSource:
-        if spec.kind == "buckets":
-            plan = self._engine().shard_plan()
-            return ObjectStoreSource(spec.metas, spec.refs, plan, spec.version)
-        if spec.kind == "snapshot":
-            return SnapshotSource.from_config(self.load, self.parallel, spec.folder)
-        if spec.kind == "stream":
-            feed, uid, rank = spec.feed, spec.uid, self.rank
-            node = ray.get_runtime_context().get_node_id()
-            return BucketStreamSource(
-                spec.announced,
-                request=lambda i: feed.take_bucket.remote(uid, rank, i, i - 2),
-                relay=lambda i, refs: feed.relay_bucket.remote(uid, node, i, refs),
-                plan=self._engine().shard_plan(),
-                version=spec.version,
-                keep=spec.keep,
-            )
-        raise StateError(
-            f"unknown source kind {spec.kind!r}; known: 'buckets', 'snapshot', 'stream'"
-        )
+    def _open(self, spec: TransportSpec) -> WeightSource:
+        node = ray.get_runtime_context().get_node_id()
+        ctx = RankContext(self.rank, self.parallel, self.load, self._engine().shard_plan(), node)
+        return open_source(spec, ctx)
 
     def verify(self, fingerprint: bool = True) -> dict:
         m = self._manager()
@@ -272,7 +215,7 @@ class WeightManagerActor:
         }
 
     @ray.method(concurrency_group="status")
-    def committed_state(self) -> tuple[SourceSpec | None, dict[int, str | None]]:
+    def committed_state(self) -> tuple[TransportSpec | None, dict[int, str | None]]:
         """The committed version's source and every rank's fingerprint of it."""
         return self.committed, self.committed_fingerprints
 

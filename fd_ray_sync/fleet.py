@@ -30,6 +30,8 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of
+from fd_ray_sync.sources.object_store import StreamSpec
+from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.tensors import shape_and_dtype
 from fd_ray_sync.version import validate_version
 
@@ -152,9 +154,18 @@ class Fleet:
         digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(tp)}
         uid = uuid.uuid4().hex
         ahead = self.config.buckets_in_flight if announced is not None else None
+        spec = None
+        if announced is not None:
+            spec = StreamSpec(
+                version,
+                announced=tuple(announced),
+                feed=self.coordinator,
+                uid=uid,
+                keep=self.config.keep_committed,
+            )
         update = self.coordinator.update_stream.remote(
             uid,
-            list(announced) if announced is not None else None,
+            spec,
             version,
             force,
             ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
@@ -223,7 +234,7 @@ class Fleet:
         """Every rank loads its own files from `path` (a folder all nodes can read)."""
         version = validate_version(version) if version is not None else None
         folder = os.fspath(os.path.abspath(path))
-        return _get(self.coordinator.update_snapshot.remote(folder, version, force))
+        return _get(self.coordinator.update.remote(SnapshotSpec(version, folder=folder), force))
 
     def clear(self) -> None:
         _get(self.coordinator.clear.remote())

@@ -3,10 +3,24 @@
 from fd_ray_sync.sources import object_store, snapshot  # noqa: F401  (register themselves)
 from fd_ray_sync.sources.base import (
     Chunk,
+    RankContext,
+    TransportSpec,
+    VersionOnly,
     WeightSource,
     get_source,
     known_sources,
+    open_source,
     register_source,
 )
 
-__all__ = ["Chunk", "WeightSource", "get_source", "known_sources", "register_source"]
+__all__ = [
+    "Chunk",
+    "RankContext",
+    "TransportSpec",
+    "VersionOnly",
+    "WeightSource",
+    "get_source",
+    "known_sources",
+    "open_source",
+    "register_source",
+]

@@ -1,17 +1,93 @@
-"""The interface every weight source honours, and the registry that finds them by name."""
+"""Transports: how the bytes of an update reach a rank. One interface, a registry by name.
+
+A transport has two halves. The trainer side (the `Fleet`) describes one update as a
+`TransportSpec`: a small frozen value naming the version and where the bytes are (bucket
+refs, a snapshot folder, shared-memory slots...), sent to every rank. The rank side is the
+`WeightSource` registered under the spec's `transport` name: `open_source(spec, ctx)` finds
+it and builds this rank's view, which the manager checks and writes. Nothing else branches
+on a transport's name: a transport that needs no step leaves its hook as it is.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.errors import ConfigError
 from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.sharding import ShardSpec
 
 Chunk = dict[str, tuple[np.ndarray, str]]
 """A group of this rank's tensors: name -> (array, dtype string), already cut to its slice."""
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """One update (or a committed version) as a transport describes it to every rank.
+
+    Subclasses add where the bytes are and set `transport`, the registered name of the
+    `WeightSource` that reads them on a rank. Small enough to send to every rank; a spec
+    holding object refs keeps their data alive while anyone holds it.
+    """
+
+    transport: ClassVar[str] = ""
+    streaming: ClassVar[bool] = False  # data arrives while ranks write (a feed runs)
+    # Ranks check each block as the copy lands instead of reading the source twice, even
+    # when the fleet could not roll back a mismatch (see `DynamicWeightManager.prepare_load`).
+    check_while_copying: ClassVar[bool] = False
+
+    version: str | None
+
+    def with_version(self, version: str) -> TransportSpec:
+        return dataclasses.replace(self, version=version)
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a rank can load this version again from the spec (rollback, rebuild)."""
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole update as the trainer sent it, where the spec knows (else 0)."""
+        return 0
+
+    @property
+    def where(self) -> str:
+        """Where the data is, for messages (" in /path"), or ""."""
+        return ""
+
+    def without_data(self) -> TransportSpec:
+        """The version alone, data released (the store frees kept buckets)."""
+        return VersionOnly(self.version)
+
+    def received(self, feed: Any) -> TransportSpec:
+        """After a streaming load: what the ranks received, as a spec that names it."""
+        return self
+
+
+@dataclass(frozen=True)
+class VersionOnly(TransportSpec):
+    """A committed version whose data nobody keeps: a replica that lost it waits for the
+    next update."""
+
+    transport: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What a rank tells a transport when it opens a source."""
+
+    rank: int
+    parallel: ParallelConfig
+    load: LoadConfig
+    plan: Mapping[str, ShardSpec]
+    node: str | None = None
 
 
 class WeightSource(ABC):
@@ -51,6 +127,16 @@ class WeightSource(ABC):
     def close(self) -> None:
         """Release files, mappings or references."""
 
+    def received(self, spec: TransportSpec) -> TransportSpec:
+        """After a load of `spec`: the spec that names the data this rank now holds (what it
+        would reload it from)."""
+        return spec
+
+    @classmethod
+    def open(cls, spec: TransportSpec, ctx: RankContext) -> WeightSource:
+        """This rank's view of `spec` (a spec of this transport)."""
+        raise ConfigError(f"the {cls.name!r} source cannot be opened from a transport spec")
+
 
 _REGISTRY: dict[str, type[WeightSource]] = {}
 
@@ -81,3 +167,10 @@ def get_source(name: str) -> type[WeightSource]:
 
 def known_sources() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def open_source(spec: TransportSpec, ctx: RankContext) -> WeightSource:
+    """The registered source of `spec`'s transport, opened for this rank."""
+    if isinstance(spec, VersionOnly):
+        raise ConfigError(f"version {spec.version!r} was not kept: there is nothing to load")
+    return get_source(spec.transport).open(spec, ctx)

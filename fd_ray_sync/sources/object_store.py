@@ -19,14 +19,58 @@ Two forms:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
 from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
+from fd_ray_sync.feed import BucketTicket
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of, take_shard
-from fd_ray_sync.sources.base import Chunk, WeightSource, register_source
+from fd_ray_sync.sources.base import (
+    Chunk,
+    RankContext,
+    TransportSpec,
+    WeightSource,
+    register_source,
+)
 from fd_ray_sync.tensors import as_storage
+
+
+@dataclass(frozen=True)
+class ObjectStoreSpec(TransportSpec):
+    """Every bucket of a version already in the object store: `refs[i]` holds `metas[i]`'s
+    arrays (a committed version kept for restores, or an update gathered whole)."""
+
+    transport = "object_store"
+    metas: tuple[BucketMeta, ...] = ()
+    refs: tuple = field(default=(), repr=False)
+
+    @property
+    def restorable(self) -> bool:
+        return bool(self.refs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.metas)
+
+
+@dataclass(frozen=True)
+class StreamSpec(TransportSpec):
+    """A pipelined update: the trainer announced every tensor (`announced`, full shapes) and
+    feeds buckets under `uid` to the coordinator (`feed`), which hands each rank its next
+    `fd_ray_sync.feed.BucketTicket`. With `keep`, ranks collect the trainer's refs."""
+
+    transport = "object_store"
+    streaming = True
+    announced: tuple[TensorMeta, ...] = field(default=(), repr=False)
+    feed: Any = field(default=None, repr=False)  # the CoordinatorActor
+    uid: str = ""
+    keep: bool = True
+
+    def received(self, feed) -> ObjectStoreSpec:
+        return ObjectStoreSpec(self.version, feed.metas(), feed.refs())
 
 
 @register_source("object_store")
@@ -44,6 +88,20 @@ class ObjectStoreSource(WeightSource):
             raise WeightMismatchError(f"{len(metas)} bucket metadata for {len(refs)} buckets")
         self.metas, self.refs, self.plan = list(metas), list(refs), plan
         self._version = version
+
+    @classmethod
+    def open(cls, spec: ObjectStoreSpec | StreamSpec, ctx: RankContext) -> WeightSource:
+        if not isinstance(spec, StreamSpec):
+            return cls(spec.metas, spec.refs, ctx.plan, spec.version)
+        feed, uid, rank = spec.feed, spec.uid, ctx.rank
+        return BucketStreamSource(
+            spec.announced,
+            request=lambda i: feed.take_bucket.remote(uid, rank, i, i - 2),
+            relay=lambda i, refs: feed.relay_bucket.remote(uid, ctx.node, i, refs),
+            plan=ctx.plan,
+            version=spec.version,
+            keep=spec.keep,
+        )
 
     def version(self) -> str | None:
         return self._version
@@ -122,7 +180,7 @@ class BucketStreamSource(WeightSource):
         self,
         announced: Sequence[TensorMeta],
         request: Callable[[int], object],
-        relay: Callable[[int, list], object],
+        relay: Callable[[int, list], object] | None,
         plan: Mapping[str, ShardSpec],
         version: str | None = None,
         keep: bool = True,
@@ -155,6 +213,28 @@ class BucketStreamSource(WeightSource):
     def checksum(self, name: str) -> int | None:
         return self._checksums.get(name)
 
+    def received(self, spec: TransportSpec) -> TransportSpec:
+        if not self._keep:
+            return spec.without_data()
+        return ObjectStoreSpec(spec.version, tuple(self.metas), tuple(self.refs))
+
+    # Hooks of the bucket's data path (the object store's here; the ipc ring overrides them).
+
+    def _fetch(self, ticket: BucketTicket) -> list:
+        """The arrays of the ticket's bucket, zero-copy views where possible."""
+        import ray
+
+        arrays = ray.get(ticket.ref)
+        if ticket.relay:  # this node's own copy, for the next node to fetch
+            self._relay(ticket.meta.index, [ray.put(arrays)])
+        return arrays
+
+    def _prefetch(self, ticket: BucketTicket) -> None:
+        """The next bucket is known: start bringing it here (while this one is written)."""
+        import ray
+
+        ray.wait([ticket.ref], fetch_local=True, timeout=0)
+
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
         import ray
 
@@ -165,15 +245,13 @@ class BucketStreamSource(WeightSource):
             item = ray.get(pending)
             if item is None:
                 break
-            meta, ref = item.meta, item.ref
+            meta = item.meta
             if meta.index != i:
                 raise WeightMismatchError(f"bucket {meta.index} arrived where {i} was due")
-            arrays = ray.get(ref)
-            if item.relay:  # this node's own copy, for the next node to fetch
-                self._relay(i, [ray.put(arrays)])
+            arrays = self._fetch(item)
             pending = self._request(i + 1)  # ask for the next bucket before writing this one
             if ray.wait([pending], timeout=0)[0] and (nxt := ray.get(pending)) is not None:
-                ray.wait([nxt.ref], fetch_local=True, timeout=0)  # start pulling it here
+                self._prefetch(nxt)
             chunk: Chunk = {}
             for t, array in bucket_views(meta, arrays):
                 want = self.announced.get(t.name)
@@ -192,7 +270,7 @@ class BucketStreamSource(WeightSource):
             if self._keep:
                 self.metas.append(meta)
                 self.refs.append(item.origin)
-            del arrays, ref
+            del arrays, item
             yield f"bucket {i}", chunk
             del chunk
             i += 1

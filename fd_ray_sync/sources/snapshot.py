@@ -28,6 +28,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,13 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.safetensors_io import SafetensorsFile, write_safetensors
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, take_shard
-from fd_ray_sync.sources.base import Chunk, WeightSource, register_source
+from fd_ray_sync.sources.base import (
+    Chunk,
+    RankContext,
+    TransportSpec,
+    WeightSource,
+    register_source,
+)
 from fd_ray_sync.tensors import contiguous, to_host
 from fd_ray_sync.version import read_version_file, write_version_file
 
@@ -128,6 +135,25 @@ def _part_files(folder: Path, base: str, log) -> list[Path]:
     return [by_index[i] for i in sorted(by_index)]
 
 
+@dataclass(frozen=True)
+class SnapshotSpec(TransportSpec):
+    """A snapshot folder every rank reads its own files from (all nodes can read it)."""
+
+    transport = "snapshot"
+    folder: str | None = None
+
+    @property
+    def restorable(self) -> bool:
+        return True
+
+    @property
+    def where(self) -> str:
+        return f" in {self.folder}" if self.folder else ""
+
+    def without_data(self) -> SnapshotSpec:
+        return self  # the files stay where they are
+
+
 @register_source("snapshot")
 class SnapshotSource(WeightSource):
     """One rank's snapshot, opened header-first: nothing is read until `chunks()`."""
@@ -163,6 +189,10 @@ class SnapshotSource(WeightSource):
         if folder is None:
             raise SnapshotError("no snapshot folder: set LoadConfig.model_dir or pass a folder")
         return cls(folder, parallel.tp_rank, load.snapshot_id, load.fallback_dir, parallel.rank)
+
+    @classmethod
+    def open(cls, spec: SnapshotSpec, ctx: RankContext) -> SnapshotSource:
+        return cls.from_config(ctx.load, ctx.parallel, spec.folder)
 
     def manifest(self) -> dict[str, TensorMeta]:
         out = {}
