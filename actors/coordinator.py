@@ -519,13 +519,23 @@ class CoordinatorActor:
                 feed.close(f"the trainer ({trainer}) died")
                 return
 
-    def update(self, spec: TransportSpec, force: bool = False) -> UpdateReport:
+    def update(
+        self,
+        spec: TransportSpec,
+        force: bool = False,
+        expected: dict[int, str] | None = None,
+    ) -> UpdateReport:
         """Load an update whose bytes are all in place already (a snapshot folder, the
-        trainer's registered storage)."""
-        return self._transaction(spec, None, force)
+        trainer's registered storage); `expected`: each rank's fingerprint, as the trainer
+        computed it."""
+        return self._transaction(spec, None, force, expected)
 
     def _transaction(
-        self, spec: TransportSpec, feed: BucketFeed | None = None, force: bool = False
+        self,
+        spec: TransportSpec,
+        feed: BucketFeed | None = None,
+        force: bool = False,
+        expected: dict[int, str] | None = None,
     ) -> UpdateReport:
         """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
         if not self.ranks:
@@ -584,7 +594,8 @@ class CoordinatorActor:
                 }
                 raise
             touched = everyone
-            expected = feed.expected if feed is not None else None
+            if feed is not None:
+                expected = feed.expected
             if spec.streaming:  # what the ranks received, to restore it later
                 spec = spec.received(feed)
             # 7. verify: every parameter loaded, fingerprints as the trainer computed them.

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
+from fd_ray_sync import shm
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
@@ -114,6 +115,7 @@ class WeightManagerActor:
         With `check_after_write` (the coordinator can roll back), checksums are taken of the
         written bytes instead of reading the source twice (see DynamicWeightManager)."""
         self._discard()
+        shm.sweep()  # segments of a trainer that died here (ipc) go before anything else
         source = self._open(spec)
         try:
             try:
@@ -180,6 +182,7 @@ class WeightManagerActor:
         """Serve again after an update that changed nothing on this rank."""
         m = self._manager()
         self._discard()
+        shm.sweep()  # an update aborted because its trainer died: its shared memory goes
         self._pending = None
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()

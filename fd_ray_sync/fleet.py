@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -25,14 +26,17 @@ from fd_ray_sync.buckets import BucketMeta, iter_buckets, local_checksum
 from fd_ray_sync.checksum import combine_digests, tensor_digest
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
-from fd_ray_sync.errors import StateError, WeightSyncError
+from fd_ray_sync.errors import ConfigError, StateError, WeightSyncError
+from fd_ray_sync.ipc import BucketRing, Registration, aligned
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
-from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of
+from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of
+from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources.ipc import IpcRingSpec, IpcStorageSpec
 from fd_ray_sync.sources.object_store import StreamSpec
 from fd_ray_sync.sources.snapshot import SnapshotSpec
-from fd_ray_sync.tensors import shape_and_dtype
+from fd_ray_sync.tensors import shape_and_dtype, storage_dtype
 from fd_ray_sync.version import validate_version
 
 log = get_logger(__name__)
@@ -54,6 +58,7 @@ class Fleet:
         self.config = config
         self._plans: dict[int, dict[str, ShardSpec]] | None = None
         self._held: list[list] = []  # bucket refs of the committed (and an unsure) version
+        self._ring: BucketRing | None = None  # the ipc transport's, once used
 
     @classmethod
     def launch(
@@ -105,38 +110,57 @@ class Fleet:
 
     def update(
         self,
-        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]] | Registration,
         version: str | int,
         force: bool = False,
         verify_fingerprints: bool = True,
     ) -> UpdateReport:
         """Push full (unsharded) weights to every rank; returns when committed or raises.
 
-        `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy).
-        A mapping is pipelined (`FleetConfig.pipelined`): its names, shapes and dtypes are
-        announced first (ranks check them before writing anything), then ranks write each
-        bucket while the next ones are packed and put, at most
-        `FleetConfig.buckets_in_flight` ahead. An iterator is packed and put in full first
-        (only one bucket of references is held while packing), then checked whole by the
-        ranks before they write. With `verify_fingerprints`, each rank's weights must match
-        the fingerprint computed here for its slice.
+        `weights` is a mapping or an iterator of `(name, tensor)` (paddle, torch or numpy),
+        or storage registered with `register()`. The transport is
+        `FleetConfig.load.load_strategy`:
+
+        - "object_store": a mapping is pipelined (`FleetConfig.pipelined`): its names,
+          shapes and dtypes are announced first (ranks check them before writing anything),
+          then ranks write each bucket while the next ones are packed and put, at most
+          `FleetConfig.buckets_in_flight` ahead. An iterator is packed and put in full first
+          (only one bucket of references is held while packing), then checked whole by the
+          ranks before they write.
+        - "ipc" (the trainer on the ranks' node): buckets are packed into a ring of
+          `buckets_in_flight` shared-memory slots allocated once, ranks copy out of one
+          while the next is packed; a `Registration` is read by the ranks in place.
+
+        With `verify_fingerprints`, each rank's weights must match the fingerprint computed
+        here for its slice.
         """
+        if isinstance(weights, Registration):
+            return self._update_registered(weights, version, force, verify_fingerprints)
         load = self.config.load
-        # Checksums are of each TP rank's slice: a rank checks only the bytes it takes, and
-        # the same checksums give each rank's expected fingerprint (replicas share them).
-        checked = load.verify_checksum or verify_fingerprints
-        plans = self.shard_plans() if checked else {}
-        tp_plans = [plans[r] for r in range(self.config.tp)] if checked else None
+        tp_plans = self._tp_plans(load.verify_checksum or verify_fingerprints)
+        if load.load_strategy == "ipc":
+            return self._update_ring(dict(weights), version, force, tp_plans, verify_fingerprints)
+        if load.load_strategy != "object_store":
+            raise ConfigError(
+                f"Fleet.update pushes weights over 'object_store' or 'ipc', not "
+                f"{load.load_strategy!r} (snapshots: update_from_snapshot)"
+            )
         announced = None
         # Each rank of a pipelined update waits for its next bucket in a coordinator thread.
         world = self.config.tp * self.config.dp
         if isinstance(weights, Mapping) and self.config.pipelined and world <= FEED_THREADS - 4:
-            announced = []
-            for name, tensor in weights.items():
-                shape, dtype = shape_and_dtype(tensor)
-                announced.append(TensorMeta(name=name, shape=shape, dtype=dtype))
-        buckets = iter_buckets(weights, load.bucket_bytes, checked, tp_plans)
+            announced = _announce(weights)
+        buckets = iter_buckets(weights, load.bucket_bytes, tp_plans is not None, tp_plans)
         return self.push_buckets(buckets, version, announced, force, verify_fingerprints)
+
+    def _tp_plans(self, checked: bool) -> list[ShardPlan] | None:
+        """One shard plan per TP rank: checksums are of each rank's slice, so a rank checks
+        only the bytes it takes, and the same checksums give each rank's expected
+        fingerprint (replicas share them)."""
+        if not checked:
+            return None
+        plans = self.shard_plans()
+        return [plans[r] for r in range(self.config.tp)]
 
     def push_buckets(
         self,
@@ -149,11 +173,7 @@ class Fleet:
         """`update` from ready-made buckets (`fd_ray_sync.buckets.iter_buckets` output):
         each is `ray.put` and fed to the fleet in order; `announced` pipelines them."""
         version = validate_version(version)
-        plans = self.shard_plans() if verify_fingerprints else {}
-        tp = self.config.tp
-        digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(tp)}
         uid = uuid.uuid4().hex
-        ahead = self.config.buckets_in_flight if announced is not None else None
         spec = None
         if announced is not None:
             spec = StreamSpec(
@@ -163,29 +183,17 @@ class Fleet:
                 uid=uid,
                 keep=self.config.keep_committed,
             )
-        update = self.coordinator.update_stream.remote(
-            uid,
-            spec,
-            version,
-            force,
-            ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
-            ProcessRef.here(),  # watched while the update runs: its death aborts it at once
-        )
-        refs, fed, count, waiting = [], [], 0, None
-        room = _StoreRoom()
-        try:
+        ahead = self.config.buckets_in_flight if announced is not None else None
+        refs: list = []
+
+        def feed(expect: _Expected) -> int:
+            fed, count, waiting = [], 0, None
+            room = _StoreRoom()
             for meta, arrays in buckets:
                 if waiting is not None:  # asked for before this bucket was packed
                     _get(waiting)
                 room.wait_for(meta.nbytes)
-                if verify_fingerprints:
-                    for t in meta.tensors:
-                        for r in range(tp):
-                            spec = plans[r].get(t.name, REPLICATED)
-                            checksum = local_checksum(t, spec)
-                            shape = local_shape_of(t.name, spec, t.shape)
-                            digest = tensor_digest(t.name, t.dtype, shape, checksum)
-                            digests[r].append((t.name, digest))
+                expect.add(meta)
                 ref = ray.put(arrays)
                 del arrays
                 if self.config.keep_committed:
@@ -200,24 +208,10 @@ class Fleet:
                     waiting = self.coordinator.feed_wait.remote(uid, count - ahead)
             for call in [waiting, *fed] if waiting is not None else fed:
                 _get(call)
-            expected = None
-            if verify_fingerprints:
-                by_tp = {r: combine_digests(d) for r, d in digests.items()}
-                expected = {r: by_tp[r % tp] for r in plans}
-            _get(self.coordinator.feed_end.remote(uid, count, expected))
-        except StateError:
-            _get(update)  # the feed was closed because the update failed: raise why
-            raise
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            self._held = [*self._held[-1:], refs]
-            raise
-        except BaseException as e:  # packing failed here: abort the update on every rank
-            with contextlib.suppress(Exception):
-                ray.get(self.coordinator.feed_close.remote(uid, f"{type(e).__name__}: {e}"))
-                ray.get(update)
-            raise
+            return count
+
         try:
-            report = _get(update)
+            report = self._feed_update(uid, spec, version, force, verify_fingerprints, feed)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             # The coordinator died mid-update: this version may have been committed. Keep
             # its buckets alive with the last committed ones until an update is confirmed.
@@ -227,6 +221,119 @@ class Fleet:
         # (the rollback and recovery copy) alive even if every rank holding them dies.
         self._held = [refs] if self.config.keep_committed else []
         return report
+
+    def _feed_update(
+        self,
+        uid: str,
+        spec: TransportSpec | None,
+        version: str,
+        force: bool,
+        verify_fingerprints: bool,
+        feed: Callable[[_Expected], int],
+    ) -> UpdateReport:
+        """Run one fed update: the coordinator's transaction starts, `feed(expect)` hands it
+        every bucket (returning how many), then the end and each rank's fingerprint."""
+        expect = _Expected(self.shard_plans() if verify_fingerprints else {}, self.config.tp)
+        update = self.coordinator.update_stream.remote(
+            uid,
+            spec,
+            version,
+            force,
+            ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
+            ProcessRef.here(),  # watched while the update runs: its death aborts it at once
+        )
+        try:
+            count = feed(expect)
+            _get(self.coordinator.feed_end.remote(uid, count, expect.fingerprints()))
+        except StateError:
+            _get(update)  # the feed was closed because the update failed: raise why
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            raise
+        except BaseException as e:  # packing failed here: abort the update on every rank
+            with contextlib.suppress(Exception):
+                ray.get(self.coordinator.feed_close.remote(uid, f"{type(e).__name__}: {e}"))
+                ray.get(update)
+            raise
+        return _get(update)
+
+    # --- the co-located (ipc) transport --------------------------------------------------
+
+    def register(self, weights: Any) -> Registration:
+        """Register the trainer's own tensors as the ranks' source (ipc, registered storage):
+        `weights` lives in shared memory (`fd_ray_sync.ipc.share`), as a mapping or a torch
+        module holding it. Pass the result to `update` each step; register again after the
+        trainer reallocates a tensor (`update` refuses, naming it, until then)."""
+        return Registration(weights)
+
+    def _update_registered(
+        self, registration: Registration, version: str | int, force: bool, verify: bool
+    ) -> UpdateReport:
+        version = validate_version(version)
+        tp_plans = self._tp_plans(self.config.load.verify_checksum or verify)
+        tensors = registration.tensors(tp_plans)
+        spec = IpcStorageSpec(
+            version,
+            tensors=tuple(tensors),
+            segments=tuple(registration.segment_of(t.name) for t in tensors),
+            chunk_bytes=self.config.load.bucket_bytes,
+        )
+        expect = _Expected(self.shard_plans() if verify else {}, self.config.tp)
+        expect.add(BucketMeta(index=0, tensors=spec.tensors))
+        self._held = []
+        return _get(self.coordinator.update.remote(spec, force, expect.fingerprints()))
+
+    def _update_ring(
+        self,
+        weights: dict[str, Any],
+        version: str | int,
+        force: bool,
+        tp_plans: list[ShardPlan] | None,
+        verify: bool,
+    ) -> UpdateReport:
+        version = validate_version(version)
+        ring = self._ring_for(weights)
+        parts = ring.plan(weights)
+        uid = uuid.uuid4().hex
+        spec = IpcRingSpec(
+            version,
+            announced=tuple(_announce(weights)),
+            feed=self.coordinator,
+            uid=uid,
+            keep=False,
+            slots=ring.names,
+        )
+
+        def feed(expect: _Expected) -> int:
+            fed = []
+            for i, names in enumerate(parts):
+                if i >= len(ring):  # the slot's last bucket must be written by every rank
+                    _get(self.coordinator.feed_wait.remote(uid, i - len(ring)))
+                meta = ring.pack(i, [(n, weights[n]) for n in names], tp_plans)
+                expect.add(meta)
+                fed.append(self.coordinator.feed_bucket.remote(uid, meta, [i % len(ring)]))
+            for call in fed:
+                _get(call)
+            return len(parts)
+
+        self._held = []
+        return self._feed_update(uid, spec, version, force, verify, feed)
+
+    def _ring_for(self, weights: Mapping[str, Any]) -> BucketRing:
+        """This trainer's ring, allocated on first use and kept; grown (new segments, which
+        ranks attach once more) when a tensor does not fit a slot."""
+        largest = max(
+            (aligned(math.prod(s) * storage_dtype(d).itemsize) for s, d in _shapes(weights)),
+            default=0,
+        )
+        want = max(self.config.load.bucket_bytes, largest)
+        slots = self.config.buckets_in_flight
+        ring = self._ring
+        if ring is None or ring.slot_bytes < want or len(ring) != slots:
+            if ring is not None:
+                ring.close()
+            self._ring = ring = BucketRing(slots, want)
+        return ring
 
     def update_from_snapshot(
         self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
@@ -286,6 +393,38 @@ class _StoreRoom:
                 break
             time.sleep(0.02)
         self.room -= nbytes
+
+
+class _Expected:
+    """Each rank's expected fingerprint, from the slice checksums of the buckets sent."""
+
+    def __init__(self, plans: Mapping[int, ShardPlan], tp: int):
+        self.plans, self.tp = plans, tp
+        self.digests: dict[int, list[tuple[str, int]]] = {r: [] for r in range(tp)}
+
+    def add(self, meta: BucketMeta) -> None:
+        if not self.plans:
+            return
+        for t in meta.tensors:
+            for r in range(self.tp):
+                spec = self.plans[r].get(t.name, REPLICATED)
+                shape = local_shape_of(t.name, spec, t.shape)
+                checksum = local_checksum(t, spec)
+                self.digests[r].append((t.name, tensor_digest(t.name, t.dtype, shape, checksum)))
+
+    def fingerprints(self) -> dict[int, str] | None:
+        if not self.plans:
+            return None
+        by_tp = {r: combine_digests(d) for r, d in self.digests.items()}
+        return {r: by_tp[r % self.tp] for r in self.plans}
+
+
+def _announce(weights: Mapping[str, Any]) -> list[TensorMeta]:
+    return [TensorMeta(name=n, shape=s, dtype=d) for n, (s, d) in zip(weights, _shapes(weights))]
+
+
+def _shapes(weights: Mapping[str, Any]) -> list[tuple[tuple[int, ...], str]]:
+    return [shape_and_dtype(t) for t in weights.values()]
 
 
 def _get(ref):

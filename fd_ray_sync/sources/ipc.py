@@ -1,0 +1,159 @@
+"""The co-located (ipc) transport, rank side: copy slices straight out of the trainer's memory.
+
+The trainer (on the ranks' node) shares memory once (`fd_ray_sync.ipc`): a ring of bucket
+slots, or its own registered tensors. Each rank attaches every segment once and keeps it
+(`fd_ray_sync.shm.attach`), cuts its TP slice / EP experts as a strided view and the manager
+copies it into the parameter in place, hashing each block as it lands. Nothing goes through
+the object store; the feed (ring) or the spec (registered) only says where the bytes are.
+
+The trainer's memory changes with the next step, so an ipc version is not kept for restores:
+a replica that must reload it (a rank died, an update failed after writing) waits for the
+next update (`TransportSpec.restorable` is False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fd_ray_sync import shm
+from fd_ray_sync.buckets import local_checksum
+from fd_ray_sync.checksum import digest
+from fd_ray_sync.errors import ChecksumError, WeightMismatchError
+from fd_ray_sync.feed import BucketTicket
+from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of, take_shard
+from fd_ray_sync.sources.base import (
+    Chunk,
+    RankContext,
+    TransportSpec,
+    WeightSource,
+    register_source,
+)
+from fd_ray_sync.sources.object_store import BucketStreamSource, StreamSpec
+from fd_ray_sync.tensors import as_storage, storage_dtype
+
+
+def _view(segment: shm.Segment, t: TensorMeta) -> np.ndarray:
+    return segment.array(t.offset, t.nbytes).view(storage_dtype(t.dtype)).reshape(t.shape)
+
+
+@dataclass(frozen=True)
+class IpcRingSpec(StreamSpec):
+    """A pipelined update through the trainer's ring: a ticket's `ref` is the slot index of
+    its bucket, `slots` the slots' segment names."""
+
+    transport = "ipc"
+    check_while_copying = True
+    slots: tuple[str, ...] = ()
+
+    def received(self, feed) -> TransportSpec:
+        return self.without_data()
+
+
+@dataclass(frozen=True)
+class IpcStorageSpec(TransportSpec):
+    """The trainer's registered tensors: `tensors[i]` (full shape, offset and slice
+    checksums) lies in segment `segments[i]`."""
+
+    transport = "ipc"
+    check_while_copying = True
+    tensors: tuple[TensorMeta, ...] = field(default=(), repr=False)
+    segments: tuple[str, ...] = field(default=(), repr=False)
+    chunk_bytes: int = 256 << 20  # tensors per chunk written (progress granularity)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class IpcRingSource(BucketStreamSource):
+    """Buckets out of the trainer's ring slots, as the feed says they are ready."""
+
+    name = "ipc"
+
+    def __init__(self, spec: IpcRingSpec, ctx: RankContext):
+        feed, uid, rank = spec.feed, spec.uid, ctx.rank
+        super().__init__(
+            spec.announced,
+            request=lambda i: feed.take_bucket.remote(uid, rank, i, i - 2),
+            relay=None,
+            plan=ctx.plan,
+            version=spec.version,
+            keep=False,
+        )
+        self.slots = [shm.attach(name) for name in spec.slots]  # once; kept by shm
+
+    def _fetch(self, ticket: BucketTicket) -> list:
+        slot = self.slots[ticket.ref]
+        return [_view(slot, t) for t in ticket.meta.tensors]
+
+    def _prefetch(self, ticket: BucketTicket) -> None:
+        pass  # the bytes are already in this node's memory
+
+
+@register_source("ipc")
+class IpcStorageSource(WeightSource):
+    """The trainer's registered tensors, every byte already there."""
+
+    def __init__(self, spec: IpcStorageSpec, plan: Mapping[str, ShardSpec]):
+        if len(spec.tensors) != len(spec.segments):
+            raise WeightMismatchError(
+                f"{len(spec.tensors)} registered tensors for {len(spec.segments)} segments"
+            )
+        self.spec, self.plan = spec, plan
+        self._version = spec.version
+        self.segments = {n: shm.attach(n) for n in sorted(set(spec.segments))}
+
+    @classmethod
+    def open(cls, spec: IpcRingSpec | IpcStorageSpec, ctx: RankContext) -> WeightSource:
+        if isinstance(spec, IpcRingSpec):
+            return IpcRingSource(spec, ctx)
+        return cls(spec, ctx.plan)
+
+    def version(self) -> str | None:
+        return self._version
+
+    def _full(self, i: int) -> tuple[TensorMeta, np.ndarray]:
+        t = self.spec.tensors[i]
+        return t, _view(self.segments[self.spec.segments[i]], t)
+
+    def manifest(self) -> dict[str, TensorMeta]:
+        out: dict[str, TensorMeta] = {}
+        for t in self.spec.tensors:
+            if t.name in out:
+                raise WeightMismatchError(f"parameter {t.name!r} is registered twice")
+            spec = self.plan.get(t.name, REPLICATED)
+            out[t.name] = t.model_copy(
+                update={
+                    "shape": local_shape_of(t.name, spec, t.shape),
+                    "nbytes": t.nbytes // max(1, spec.parts),
+                    "checksum": local_checksum(t, spec),
+                    "slice_checksums": None,
+                }
+            )
+        return out
+
+    def verify(self) -> None:
+        for i in range(len(self.spec.tensors)):
+            t, full = self._full(i)
+            spec = self.plan.get(t.name, REPLICATED)
+            want = local_checksum(t, spec)
+            if want is not None and digest(take_shard(full, spec)) != want:
+                raise ChecksumError(f"registered parameter {t.name!r} does not match its checksum")
+
+    def chunks(self) -> Iterator[tuple[str, Chunk]]:
+        chunk: Chunk = {}
+        used = 0
+        for i in range(len(self.spec.tensors)):
+            t, full = self._full(i)
+            spec = self.plan.get(t.name, REPLICATED)
+            chunk[t.name] = (take_shard(as_storage(full, t.dtype), spec), t.dtype)
+            used += t.nbytes
+            if used >= self.spec.chunk_bytes:
+                yield f"registered tensors up to {t.name}", chunk
+                chunk, used = {}, 0
+        if chunk:
+            yield "registered tensors", chunk
