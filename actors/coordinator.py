@@ -596,6 +596,7 @@ class CoordinatorActor:
             touched = everyone
             if feed is not None:
                 expected = feed.expected
+            sent = spec.nbytes
             if spec.streaming:  # what the ranks received, to restore it later
                 spec = spec.received(feed)
             # 7. verify: every parameter loaded, fingerprints as the trainer computed them.
@@ -623,7 +624,7 @@ class CoordinatorActor:
         self._cleared = False
         report = UpdateReport(
             version=loaded,
-            nbytes=spec.nbytes or sum(r.nbytes for r in reports.values()),
+            nbytes=sent or sum(r.nbytes for r in reports.values()),
             phase_s=phase_s,
             total_s=time.perf_counter() - start,
             ranks=tuple(reports[r] for r in sorted(reports)),

@@ -18,6 +18,7 @@ Two forms:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from fd_ray_sync.sources.base import (
     WeightSource,
     register_source,
 )
-from fd_ray_sync.tensors import as_storage
+from fd_ray_sync.tensors import as_storage, storage_dtype
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class StreamSpec(TransportSpec):
     feed: Any = field(default=None, repr=False)  # the CoordinatorActor
     uid: str = ""
     keep: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(t.shape) * storage_dtype(t.dtype).itemsize for t in self.announced)
 
     def received(self, feed) -> ObjectStoreSpec:
         return ObjectStoreSpec(self.version, feed.metas(), feed.refs())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from queue import Empty
+
+import ray
 
 TIMEOUT_S = 120
 
@@ -64,3 +68,19 @@ def run_ranks(target: Callable, world: int, *args) -> list[dict]:
     errors = [r["error"] for r in results if "error" in r]
     assert not errors, "\n".join(errors)
     return sorted(results, key=lambda r: r["rank"])
+
+
+def start_driver(tmp_path, source, ready):
+    """Run `source` as another Ray driver of this cluster; return once it printed `ready`."""
+    script = tmp_path / "driver.py"
+    script.write_text(source)
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
+    )
+    line = driver.stdout.readline().strip()
+    if line != ready:
+        driver.kill()
+        driver.wait()
+        raise AssertionError(f"the driver printed {line!r}, not {ready!r}")
+    return driver

@@ -5,14 +5,13 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
 import ray
+from procs import start_driver
 
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig
@@ -44,22 +43,6 @@ def expected_fingerprints(fleet, state):
 
 def pids(fleet):
     return {r["rank"]: r["pid"] for r in fleet.status()["ranks"]}
-
-
-def start_driver(tmp_path, source, ready):
-    """Run `source` as another Ray driver of this cluster; return once it printed `ready`."""
-    script = tmp_path / "driver.py"
-    script.write_text(source)
-    address = ray.get_runtime_context().gcs_address
-    driver = subprocess.Popen(
-        [sys.executable, str(script), address], stdout=subprocess.PIPE, text=True
-    )
-    line = driver.stdout.readline().strip()
-    if line != ready:
-        driver.kill()
-        driver.wait()
-        raise AssertionError(f"the driver printed {line!r}, not {ready!r}")
-    return driver
 
 
 def assert_serves(fleet, state, version):
