@@ -595,6 +595,7 @@ class CoordinatorActor:
                 raise
             touched = everyone
             if feed is not None:
+                feed.wait_end(self.config.phase_timeout_s)
                 expected = feed.expected
             sent = spec.nbytes
             if spec.streaming:  # what the ranks received, to restore it later

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import ray
 
+from fd_ray_sync import ipc, shm
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig, ParallelConfig
 from fd_ray_sync.engine.synthetic import (
@@ -106,7 +107,9 @@ class Setup:
 # --- methods ------------------------------------------------------------------------------
 
 
-def _fleet(setup: Setup, name: str, checksums: bool, pipelined: bool = True):
+def _fleet(
+    setup: Setup, name: str, checksums: bool, pipelined: bool = True, strategy="object_store"
+):
     keep = setup.keep_committed
     from fd_ray_sync.fleet import Fleet
 
@@ -116,7 +119,7 @@ def _fleet(setup: Setup, name: str, checksums: bool, pipelined: bool = True):
         dp=setup.dp,
         enable_expert_parallel=False,
         phase_timeout_s=600,
-        load=LoadConfig(load_strategy="object_store", verify_checksum=checksums),
+        load=LoadConfig(load_strategy=strategy, verify_checksum=checksums),
         fingerprint=checksums,
         keep_committed=keep,
         pipelined=pipelined,
@@ -133,10 +136,16 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
     """Ours: the object store (with or without checksums; pipelined, or gathered from an
     iterator), or per-rank snapshots."""
     gathered = how == "object_store_gathered"  # every bucket put first, then loaded
-    fleet = _fleet(setup, f"bench-{how}", checksums=(how == "object_store"), pipelined=not gathered)
+    checked = how in ("object_store", "ipc_ring", "ipc_registered")
+    strategy = "ipc" if how.startswith("ipc") else "object_store"
+    fleet = _fleet(setup, f"bench-{how}", checked, pipelined=not gathered, strategy=strategy)
     ranks = _rank_handles(fleet)
     folder = tempfile.mkdtemp(prefix="fdrs-bench-")
     times, extra = [], {}
+    shared = registered = None
+    if how == "ipc_registered":  # the trainer's weights live in shared memory, registered once
+        shared = ipc.share(dict(setup.weights(0)))
+        registered = fleet.register(shared)
     try:
         for run in range(runs + WARMUP):
             seed = version = run + 1
@@ -153,6 +162,10 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
                 del full
             # The trainer holds its model before the update starts, as a real one does.
             full = None if how == "snapshot" else dict(setup.weights(seed))
+            if shared is not None:  # a training step, in place
+                for n, a in full.items():
+                    np.copyto(shared[n], a)
+                full = registered
             kept = setup.model_bytes * 1.1 if setup.keep_committed else 0
             wait_store_drained(int(kept) + (64 << 20))
             ray.get([r.watch_memory.remote() for r in ranks])
@@ -172,7 +185,7 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
             if run >= WARMUP:
                 times.append(dt)
-        if how != "snapshot":  # what stays in the store between updates: the rollback copy
+        if strategy == "object_store":  # what stays in the store: the rollback copy
             time.sleep(2.0)  # frees are asynchronous
             extra["rollback_copy_bytes"] = object_store_bytes_used()
         # Checked after the timed runs: every rank digests what it holds.
@@ -181,6 +194,9 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
     finally:
         fleet.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
+        if registered is not None:
+            for name in {registered.segment_of(n) for n in shared}:
+                shm.unlink(name)
     return {
         "times": times,
         "trainer_extra": trainer_extra,
@@ -373,6 +389,8 @@ METHODS = {
     "object_store_unchecked": lambda s, n: run_fleet_method(s, n, "object_store_unchecked"),
     "object_store_gathered": lambda s, n: run_fleet_method(s, n, "object_store_gathered"),
     "snapshot": lambda s, n: run_fleet_method(s, n, "snapshot"),
+    "ipc_ring": lambda s, n: run_fleet_method(s, n, "ipc_ring"),
+    "ipc_registered": lambda s, n: run_fleet_method(s, n, "ipc_registered"),
     "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
     "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
     "rdt_gloo": run_rdt,
@@ -412,7 +430,13 @@ def run_bench(
         out["methods"][name] = result
         print(_row(name, result), flush=True)
     naive = out["methods"].get("naive_ray", {}).get("seconds")
-    for ours in ("object_store", "object_store_unchecked", "object_store_gathered"):
+    for ours in (
+        "object_store",
+        "object_store_unchecked",
+        "object_store_gathered",
+        "ipc_ring",
+        "ipc_registered",
+    ):
         seconds = out["methods"].get(ours, {}).get("seconds")
         if naive and seconds:
             out[f"{ours}_speedup_vs_naive"] = naive / seconds

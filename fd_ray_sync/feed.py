@@ -85,6 +85,12 @@ class BucketFeed:
             self.count, self.expected = count, expected
             self.cond.notify_all()
 
+    def wait_end(self, timeout: float) -> None:
+        """Return once the trainer said the feed is complete (with its expected
+        fingerprints): a non-streaming update's trainer computes them while ranks load."""
+        with self.cond:
+            self._wait(lambda: self.count is not None, timeout, "the trainer did not finish")
+
     def wait_closed(self, timeout: float) -> bool:
         """True once the feed is closed (waits up to `timeout` seconds)."""
         with self.cond:

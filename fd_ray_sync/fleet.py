@@ -269,19 +269,27 @@ class Fleet:
     def _update_registered(
         self, registration: Registration, version: str | int, force: bool, verify: bool
     ) -> UpdateReport:
+        """Ranks copy straight from the registered tensors. Checks: the trainer hashes each
+        rank's slices while the ranks copy (and hash what they wrote); the verify phase
+        compares the two as fingerprints, so the trainer's read overlaps the ranks'."""
         version = validate_version(version)
-        tp_plans = self._tp_plans(self.config.load.verify_checksum or verify)
-        tensors = registration.tensors(tp_plans)
+        tensors = registration.tensors()  # where each tensor is; refuses reallocated ones
         spec = IpcStorageSpec(
             version,
             tensors=tuple(tensors),
             segments=tuple(registration.segment_of(t.name) for t in tensors),
             chunk_bytes=self.config.load.bucket_bytes,
         )
-        expect = _Expected(self.shard_plans() if verify else {}, self.config.tp)
-        expect.add(BucketMeta(index=0, tensors=spec.tensors))
+        checked = verify or self.config.load.verify_checksum
+        tp_plans = self._tp_plans(checked)
+
+        def feed(expect: _Expected) -> int:
+            if checked:
+                expect.add(BucketMeta(index=0, tensors=tuple(registration.tensors(tp_plans))))
+            return 0
+
         self._held = []
-        return _get(self.coordinator.update.remote(spec, force, expect.fingerprints()))
+        return self._feed_update(uuid.uuid4().hex, spec, version, force, checked, feed)
 
     def _update_ring(
         self,
@@ -369,6 +377,9 @@ class Fleet:
         """Stop the ranks and the coordinator."""
         _get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
 
 class _StoreRoom:

@@ -148,6 +148,15 @@ def create(what: str, nbytes: int) -> Segment:
     return segment
 
 
+def unlink(name: str) -> None:
+    """Remove a segment this process created (its memory goes with the last mapping)."""
+    with _lock:
+        segment = _owned.get(name)
+    if segment is None:
+        raise StateError(f"segment {name} was not created by this process")
+    segment.unlink()
+
+
 def attach(name: str) -> Segment:
     """This process's read-only mapping of segment `name`, opened once and kept."""
     with _lock:
