@@ -63,7 +63,7 @@ class _Paddle:
         # A zero-copy host tensor over the source (read-only buffers included); made
         # contiguous first because paddle's cross-device copy_ of a strided source is
         # unverified (on CPU it copies strided sources correctly).
-        host = paddle.utils.dlpack.from_dlpack(contiguous(src))
+        host = paddle.utils.dlpack.from_dlpack(_paddle_viewable(contiguous(src), dtype))
         if dtype == "bfloat16":
             host = host.view(paddle.bfloat16)
         t.copy_(host, True)  # into t's own allocation, on t's place: one host-to-device copy
@@ -72,7 +72,7 @@ class _Paddle:
     def refill(t: Any, src: np.ndarray, dtype: str) -> None:
         import paddle
 
-        fresh = paddle.to_tensor(contiguous(src))  # a copy, on the default device
+        fresh = paddle.to_tensor(_paddle_viewable(contiguous(src), dtype))  # default device
         if dtype == "bfloat16":
             fresh = fresh.view(paddle.bfloat16)
         fresh._share_buffer_to(t)
@@ -100,6 +100,12 @@ class _Paddle:
     @staticmethod
     def state_dict(model: Any) -> dict[str, Any]:
         return dict(model.state_dict())  # the parameters and persistable buffers themselves
+
+
+def _paddle_viewable(src: np.ndarray, dtype: str) -> np.ndarray:
+    """bfloat16 bits as int16: paddle views int16 as bfloat16 but has no such kernel for
+    uint16."""
+    return src.view(np.int16) if dtype == "bfloat16" else src
 
 
 class _Torch:
