@@ -33,7 +33,19 @@ from fd_ray_sync.errors import (
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.memwatch import memory_now
 from fd_ray_sync.messages import LoadReport, TensorMeta
-from fd_ray_sync.params import host_view, param_dtype, param_shape, read_param, write_param
+from fd_ray_sync.params import (
+    clear_param,
+    device_memory,
+    empty_device_cache,
+    host_view,
+    is_initialized,
+    model_parameters,
+    param_dtype,
+    param_shape,
+    param_strides,
+    read_param,
+    write_param,
+)
 from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.sources.memory import StateDictSource
 from fd_ray_sync.status import WEIGHT_TRANSITIONS, KVCacheStatus, ModelWeightsStatus
@@ -79,13 +91,17 @@ class DynamicWeightManager:
         self._status = new
 
     def _capture(self, models: Iterable[Any]) -> dict[str, Any]:
+        """Every model's parameters (and persistent buffers) by state-dict name: paddle
+        Layers and torch Modules alike."""
         params: dict[str, Any] = {}
         for model in models:
-            for name, param in model.state_dict().items():
+            for name, param in model_parameters(model).items():
                 if name in params:
                     raise StateError(f"parameter {name!r} is owned by two of the engine's models")
                 params[name] = param
-                self.log.debug("captured %s shape=%s dtype=%s", name, param.shape, param.dtype)
+                self.log.debug(
+                    "captured %s shape=%s dtype=%s", name, param_shape(param), param_dtype(param)
+                )
         if not params:
             raise StateError(f"rank {self.rank}: the engine's models have no parameters")
         return params
@@ -120,7 +136,7 @@ class DynamicWeightManager:
         if shutdown_comm_groups:
             self.groups.shutdown()
         self._set_status(ModelWeightsStatus.CLEARED)
-        _empty_device_cache()
+        empty_device_cache(self.params.values())
         seconds = time.perf_counter() - start
         self.log.info("cleared parameters in %.3fs", seconds)
         return seconds
@@ -128,7 +144,7 @@ class DynamicWeightManager:
     def _clear_storage(self) -> None:
         self._checksums = {}
         for param in self.params.values():
-            param._clear_data()
+            clear_param(param)
 
     def clear_model_weight(self) -> float:
         """Free every parameter's storage (no barriers)."""
@@ -264,15 +280,15 @@ class DynamicWeightManager:
                     if name not in wanted:  # sources check this; a new one might not
                         raise WeightMismatchError(f"{label}: {name!r} was not in the manifest")
                     param = self.params[name]
-                    if param._is_initialized() and _layout(element_strides(array)) != _layout(
-                        param.stride()
+                    if is_initialized(param) and _layout(element_strides(array)) != _layout(
+                        param_strides(param)
                     ):
                         self.log.warning(
                             "%s: source strides %s lay memory out differently from the "
                             "parameter's %s (copied element by element)",
                             name,
                             element_strides(array),
-                            param.stride(),
+                            list(param_strides(param)),
                         )
                     touched += 1
                     view = host_view(param) if check_after_write else None
@@ -305,7 +321,7 @@ class DynamicWeightManager:
         finally:
             source.close()  # files and mappings go, whatever happened
         self._checksums = sums
-        _empty_device_cache()  # the old weights' blocks, where a load reallocated them
+        empty_device_cache(self.params.values())  # blocks freed where a load reallocated
         update_s = time.perf_counter() - start
         self.version = prepared.version
         report = LoadReport(
@@ -385,7 +401,7 @@ class DynamicWeightManager:
         if operation not in ("update", "clearance"):
             raise ValueError(f"unknown operation {operation!r}; known: 'update', 'clearance'")
         expected = operation == "update"
-        wrong = sorted(n for n, p in self.params.items() if p._is_initialized() != expected)
+        wrong = sorted(n for n, p in self.params.items() if is_initialized(p) != expected)
         if wrong:
             state = "uninitialized" if expected else "still holding storage"
             raise VerificationError(
@@ -408,7 +424,7 @@ class DynamicWeightManager:
         Right after a load checked after writing, the checksums taken of the written bytes
         are reused instead of reading every parameter again.
         """
-        uninitialized = [n for n, p in self.params.items() if not p._is_initialized()]
+        uninitialized = [n for n, p in self.params.items() if not is_initialized(p)]
         if uninitialized:
             raise StateError(
                 f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
@@ -421,18 +437,11 @@ class DynamicWeightManager:
         return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())
 
     def memory_stats(self) -> dict[str, float]:
-        """Host memory of this process, and the device allocator's figures where there is one."""
-        import paddle
-
+        """Host memory of this process, and the device allocator's figures where there is one
+        (the allocator of the parameters' framework)."""
         host = memory_now()
         stats = {"max_rss_gb": host["peak_rss"] / 1e9, "rss_anon_gb": host["rss_anon"] / 1e9}
-        if paddle.is_compiled_with_cuda():
-            cuda = paddle.device.cuda
-            stats.update(
-                gpu_allocated_gb=cuda.memory_allocated() / 2**30,
-                gpu_reserved_gb=cuda.memory_reserved() / 2**30,
-                gpu_max_allocated_gb=cuda.max_memory_allocated() / 2**30,
-            )
+        stats.update(device_memory(self.params.values()))
         return stats
 
 
@@ -446,15 +455,6 @@ class PreparedLoad:
     expected: dict[str, int | None]  # name -> checksum of this rank's bytes, where known
     check_after_write: bool
     sync_s: float  # seconds the checks took
-
-
-def _empty_device_cache() -> None:
-    """Hand the device allocator's free blocks back (FastDeploy does this after clearing
-    and reloading); nothing to do on CPU."""
-    import paddle
-
-    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        paddle.device.cuda.empty_cache()
 
 
 def _some(names: list[str]) -> str:

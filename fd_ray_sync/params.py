@@ -1,12 +1,219 @@
-"""Reading and writing paddle parameters in place, framework-neutrally through DLPack."""
+"""Every operation the weight manager does on a parameter, for paddle and torch tensors alike.
+
+The manager never touches a framework's API: it asks this module for a parameter's dtype,
+shape, strides and state, and to clear, read and write it. Each call dispatches on the
+tensor's framework (its class's module); torch is imported only once a torch tensor or module
+is seen, so a paddle-only process never imports it.
+
+Writes are in place: a parameter that holds storage keeps its allocation (a CUDA graph or
+anything else holding its pointer stays valid).
+
+    CPU parameter     numpy view of its storage (DLPack, no copy)  <- np.copyto(view, source)
+                      (a strided source is copied element by element, never made contiguous)
+    device parameter  source wrapped as a host tensor (DLPack, no copy) -> one host-to-device
+                      copy_ into the parameter's own allocation
+    cleared           fresh storage of its own (never the source's buffer, which may be a
+                      read-only mapping or an object-store buffer that goes away)
+
+bfloat16 crosses as uint16 storage on the numpy side (see fd_ray_sync.tensors).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
+from fd_ray_sync.errors import StateError, WeightMismatchError
 from fd_ray_sync.tensors import as_storage, contiguous, dtype_name, to_host
+
+
+class _Paddle:
+    """Paddle Tensors and Parameters (`paddle.base.framework.EagerParamBase`)."""
+
+    @staticmethod
+    def is_initialized(t: Any) -> bool:
+        return t._is_initialized()
+
+    @staticmethod
+    def strides(t: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in t.stride())
+
+    @staticmethod
+    def clear(t: Any) -> None:
+        t._clear_data()
+
+    @staticmethod
+    def host_view(t: Any, dtype: str) -> np.ndarray | None:
+        import paddle
+
+        if not t._is_initialized() or not t.place.is_cpu_place():
+            return None
+        t = t.detach()
+        if dtype == "bfloat16":
+            t = t.view(paddle.uint16)
+        return np.from_dlpack(t)
+
+    @staticmethod
+    def copy_into(t: Any, src: np.ndarray, dtype: str) -> None:
+        import paddle
+
+        # A zero-copy host tensor over the source (read-only buffers included); made
+        # contiguous first because paddle's cross-device copy_ of a strided source is
+        # unverified (on CPU it copies strided sources correctly).
+        host = paddle.utils.dlpack.from_dlpack(_paddle_viewable(contiguous(src), dtype))
+        if dtype == "bfloat16":
+            host = host.view(paddle.bfloat16)
+        t.copy_(host, True)  # into t's own allocation, on t's place: one host-to-device copy
+
+    @staticmethod
+    def refill(t: Any, src: np.ndarray, dtype: str) -> None:
+        import paddle
+
+        fresh = paddle.to_tensor(_paddle_viewable(contiguous(src), dtype))  # default device
+        if dtype == "bfloat16":
+            fresh = fresh.view(paddle.bfloat16)
+        fresh._share_buffer_to(t)
+
+    @staticmethod
+    def data_ptr(t: Any) -> int:
+        return t.data_ptr()
+
+    @staticmethod
+    def empty_cache() -> None:
+        import paddle
+
+        if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+            paddle.device.cuda.empty_cache()
+
+    @staticmethod
+    def memory() -> tuple[int, int, int] | None:
+        import paddle
+
+        if not paddle.is_compiled_with_cuda():
+            return None
+        cuda = paddle.device.cuda
+        return cuda.memory_allocated(), cuda.memory_reserved(), cuda.max_memory_allocated()
+
+    @staticmethod
+    def state_dict(model: Any) -> dict[str, Any]:
+        return dict(model.state_dict())  # the parameters and persistable buffers themselves
+
+
+def _paddle_viewable(src: np.ndarray, dtype: str) -> np.ndarray:
+    """bfloat16 bits as int16: paddle views int16 as bfloat16 but has no such kernel for
+    uint16."""
+    return src.view(np.int16) if dtype == "bfloat16" else src
+
+
+class _Torch:
+    """torch Tensors, Parameters and buffers.
+
+    Clearing frees the storage's bytes (`untyped_storage().resize_(0)`, as FSDP does) but
+    keeps the tensor, its shape and its storage object, so the module still holds the same
+    Parameter; a write into a cleared tensor grows the storage back. Storage shared with
+    numpy through `Tensor.numpy()` is no longer resizable, so views here use DLPack.
+    """
+
+    @staticmethod
+    def is_initialized(t: Any) -> bool:
+        return t.untyped_storage().nbytes() > 0
+
+    @staticmethod
+    def strides(t: Any) -> tuple[int, ...]:
+        return tuple(int(s) for s in t.stride())
+
+    @staticmethod
+    def clear(t: Any) -> None:
+        storage = t.untyped_storage()
+        if not storage.resizable():
+            raise StateError(
+                "cannot free a torch tensor whose storage is not resizable (shared with numpy "
+                "through .numpy() or built from a foreign buffer)"
+            )
+        storage.resize_(0)
+
+    @staticmethod
+    def host_view(t: Any, dtype: str) -> np.ndarray | None:
+        import torch
+
+        if t.device.type != "cpu" or not _Torch.is_initialized(t):
+            return None
+        t = t.detach()
+        if dtype == "bfloat16":
+            t = t.view(torch.uint16)
+        return np.from_dlpack(t)  # valid until the tensor is cleared
+
+    @staticmethod
+    def copy_into(t: Any, src: np.ndarray, dtype: str) -> None:
+        import torch
+
+        host = torch.from_dlpack(src)  # zero-copy, strides kept (read-only buffers too)
+        if dtype == "bfloat16":
+            host = host.view(torch.bfloat16)
+        with torch.no_grad():
+            t.detach().copy_(host)  # one copy, from the strided host tensor into t's storage
+
+    @staticmethod
+    def refill(t: Any, src: np.ndarray, dtype: str) -> None:
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+        t.untyped_storage().resize_((t.storage_offset() + extent) * t.element_size())
+        view = _Torch.host_view(t, dtype)
+        if view is not None:
+            np.copyto(view, src, casting="no")
+        else:
+            _Torch.copy_into(t, src, dtype)
+
+    @staticmethod
+    def data_ptr(t: Any) -> int:
+        return t.data_ptr()
+
+    @staticmethod
+    def empty_cache() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def memory() -> tuple[int, int, int] | None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        cuda = torch.cuda
+        return cuda.memory_allocated(), cuda.memory_reserved(), cuda.max_memory_allocated()
+
+    @staticmethod
+    def state_dict(model: Any) -> dict[str, Any]:
+        # keep_vars: the Parameters and persistent buffers themselves, not detached aliases.
+        return dict(model.state_dict(keep_vars=True))
+
+
+_ADAPTERS = {"paddle": _Paddle, "torch": _Torch}
+
+
+def framework(obj: Any) -> str:
+    """The framework ("paddle" or "torch") of a tensor or model; subclasses count."""
+    for cls in type(obj).__mro__:
+        root = cls.__module__.split(".", 1)[0]
+        if root in _ADAPTERS:
+            return root
+    raise WeightMismatchError(
+        f"a {type(obj).__name__} is neither a paddle nor a torch tensor or model"
+    )
+
+
+def _adapter(obj: Any):
+    return _ADAPTERS[framework(obj)]
+
+
+def model_parameters(model: Any) -> dict[str, Any]:
+    """A paddle Layer's or torch Module's parameters and persistent buffers by state-dict
+    name (the tensors themselves, so writes reach the model)."""
+    return _adapter(model).state_dict(model)
 
 
 def param_dtype(param: Any) -> str:
@@ -17,16 +224,25 @@ def param_shape(param: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in param.shape)
 
 
-def host_view(param: Any) -> np.ndarray | None:
-    """A writable numpy view of a CPU parameter's storage (bfloat16 as uint16); None otherwise."""
-    import paddle
+def is_initialized(param: Any) -> bool:
+    """Whether the parameter holds storage (False once cleared)."""
+    return _adapter(param).is_initialized(param)
 
-    if not param._is_initialized() or not param.place.is_cpu_place():
-        return None
-    t = param.detach()
-    if param_dtype(param) == "bfloat16":
-        t = t.view(paddle.uint16)
-    return np.from_dlpack(t)
+
+def param_strides(param: Any) -> tuple[int, ...]:
+    """Strides in elements."""
+    return _adapter(param).strides(param)
+
+
+def clear_param(param: Any) -> None:
+    """Free the parameter's storage, keeping the parameter object, its shape and dtype."""
+    _adapter(param).clear(param)
+
+
+def host_view(param: Any) -> np.ndarray | None:
+    """A writable numpy view of a CPU parameter's storage (bfloat16 as uint16); None for
+    device and cleared parameters."""
+    return _adapter(param).host_view(param, param_dtype(param))
 
 
 def read_param(param: Any) -> np.ndarray:
@@ -38,24 +254,53 @@ def read_param(param: Any) -> np.ndarray:
 
 
 def write_param(param: Any, array: np.ndarray, dtype: str) -> None:
-    """Copy `array` (already checked for shape and dtype) into `param`.
+    """Copy `array` (already checked for shape and dtype) into `param`, in place.
 
-    A parameter that holds storage is written in place, so anything sharing its buffer sees
-    the new values. A cleared parameter gets fresh storage of its own: the source buffer is
-    never shared, because it may be a read-only mapping or an object-store buffer that goes
-    away after the update.
+    A parameter that holds storage keeps it (the same data pointer before and after); a
+    cleared parameter gets fresh storage of its own.
     """
-    import paddle
-
+    adapter = _adapter(param)
     src = as_storage(array, dtype)
-    view = host_view(param)
+    view = adapter.host_view(param, dtype)
     if view is not None:
         np.copyto(view, src, casting="no")
-        return
-    fresh = paddle.to_tensor(contiguous(src))  # a copy, on the default device
-    if dtype == "bfloat16":
-        fresh = fresh.view(paddle.bfloat16)
-    if param._is_initialized():
-        paddle.assign(fresh, output=param)
+    elif not adapter.is_initialized(param):
+        adapter.refill(param, src, dtype)
     else:
-        fresh._share_buffer_to(param)
+        copy_into(param, src, dtype)
+
+
+def copy_into(param: Any, src: np.ndarray, dtype: str) -> None:
+    """The device write of `write_param` (works on CPU too): one copy from the host source
+    into the initialized parameter's own allocation; raises if the framework reallocated."""
+    adapter = _adapter(param)
+    before = adapter.data_ptr(param)
+    adapter.copy_into(param, as_storage(src, dtype), dtype)
+    if adapter.data_ptr(param) != before and math.prod(param_shape(param)):
+        raise StateError(
+            f"writing a {framework(param)} {dtype} parameter of shape {param_shape(param)} "
+            "moved its storage; anything holding its pointer (CUDA graphs) is now stale"
+        )
+
+
+def empty_device_cache(params: Iterable[Any]) -> None:
+    """Hand the device allocators' free blocks back (FastDeploy does this after clearing and
+    reloading), for each framework `params` belong to; nothing to do on CPU."""
+    for name in sorted({framework(p) for p in params}):
+        _ADAPTERS[name].empty_cache()
+
+
+def device_memory(params: Iterable[Any]) -> dict[str, float]:
+    """The device allocators' figures (GiB) of the frameworks `params` belong to, summed;
+    empty where none has a device."""
+    figures = [
+        m for name in sorted({framework(p) for p in params}) if (m := _ADAPTERS[name].memory())
+    ]
+    if not figures:
+        return {}
+    allocated, reserved, peak = (sum(f[i] for f in figures) / 2**30 for i in range(3))
+    return {
+        "gpu_allocated_gb": allocated,
+        "gpu_reserved_gb": reserved,
+        "gpu_max_allocated_gb": peak,
+    }

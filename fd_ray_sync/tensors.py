@@ -101,7 +101,9 @@ def _torch_to_host(t: Any) -> tuple[np.ndarray, str]:
     t = t.detach().cpu()
     if name == "bfloat16":
         t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
-    return t.contiguous().numpy().view(storage_dtype(name)), name
+    # DLPack, not `.numpy()`: that marks the storage not resizable for good, and a trainer
+    # that frees its parameters' storage between steps (FSDP) could no longer do so.
+    return np.from_dlpack(t.contiguous()).view(storage_dtype(name)), name
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
@@ -132,5 +134,5 @@ def all_finite(array: np.ndarray, dtype: str) -> bool:
 
 
 def element_strides(array: np.ndarray) -> list[int]:
-    """Strides in elements (paddle's `Tensor.stride()` convention)."""
+    """Strides in elements (the convention of paddle's and torch's `Tensor.stride()`)."""
     return [s // array.itemsize for s in array.strides]

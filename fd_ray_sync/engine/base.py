@@ -25,7 +25,8 @@ class InferenceEngine(ABC):
 
     @abstractmethod
     def models(self) -> list:
-        """The paddle Layers whose `state_dict()` parameters the manager captures."""
+        """The models whose state-dict tensors the manager captures and writes in place:
+        paddle Layers (`state_dict()`) or torch Modules (`state_dict(keep_vars=True)`)."""
 
     @abstractmethod
     def shard_plan(self) -> dict[str, ShardSpec]:
