@@ -143,7 +143,7 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
     folder = tempfile.mkdtemp(prefix="fdrs-bench-")
     times, extra = [], {}
     shared = registered = None
-    if how == "ipc_registered":  # the trainer's weights live in shared memory, registered once
+    if how.startswith("ipc_registered"):  # the trainer's weights live in shared memory
         shared = ipc.share(dict(setup.weights(0)))
         registered = fleet.register(shared)
     try:
@@ -391,6 +391,7 @@ METHODS = {
     "snapshot": lambda s, n: run_fleet_method(s, n, "snapshot"),
     "ipc_ring": lambda s, n: run_fleet_method(s, n, "ipc_ring"),
     "ipc_registered": lambda s, n: run_fleet_method(s, n, "ipc_registered"),
+    "ipc_registered_unchecked": lambda s, n: run_fleet_method(s, n, "ipc_registered_unchecked"),
     "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
     "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
     "rdt_gloo": run_rdt,
@@ -436,6 +437,7 @@ def run_bench(
         "object_store_gathered",
         "ipc_ring",
         "ipc_registered",
+        "ipc_registered_unchecked",
     ):
         seconds = out["methods"].get(ours, {}).get("seconds")
         if naive and seconds:

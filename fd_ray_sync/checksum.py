@@ -175,6 +175,31 @@ def copy_and_digest(dst: np.ndarray, src: np.ndarray) -> int:
     return _blocked(dst.shape, dst.nbytes, leaf)[0]
 
 
+def copy_and_digests(dsts: Sequence[np.ndarray], srcs: Sequence[np.ndarray]) -> list[int]:
+    """Copy each `srcs[k]` into `dsts[k]` (writable arrays of one shape and dtype, e.g. the
+    TP slices of a tensor being packed), block by block on every core, hashing each block
+    right where it landed. Returns `digest(srcs[k])` for each k: one pass over the bytes."""
+    if len(dsts) != len(srcs) or not dsts:
+        raise ValueError(f"{len(dsts)} destinations for {len(srcs)} sources")
+    for d, src in zip(dsts, srcs):
+        if d.shape != src.shape or d.dtype != src.dtype or not d.flags.writeable:
+            raise ValueError(
+                f"cannot copy a {src.dtype}{list(src.shape)} array into {d.dtype}{list(d.shape)}"
+            )
+    if len({(d.shape, d.itemsize) for d in dsts}) > 1:
+        return [copy_and_digests([d], [src])[0] for d, src in zip(dsts, srcs)]
+
+    def leaf(index, scratch) -> tuple[int, ...]:
+        out = []
+        for d, src in zip(dsts, srcs):
+            block = _at(d, index)
+            np.copyto(block, _at(src, index), casting="no")
+            out.append(_hash_block(block, scratch))
+        return tuple(out)
+
+    return _blocked(dsts[0].shape, dsts[0].nbytes, leaf)
+
+
 def legacy_crc32(array: np.ndarray) -> int:
     """The checksum of snapshot files written before xxh3 (metadata key "fd_ray_sync.crc32").
 

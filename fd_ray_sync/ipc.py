@@ -30,10 +30,10 @@ import numpy as np
 
 from fd_ray_sync import shm
 from fd_ray_sync.buckets import BucketMeta, plan_parts, slice_checksums
-from fd_ray_sync.checksum import copy_and_digest
+from fd_ray_sync.checksum import copy_and_digest, copy_and_digests
 from fd_ray_sync.errors import StateError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
-from fd_ray_sync.sharding import REPLICATED, ShardPlan
+from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
 from fd_ray_sync.tensors import shape_and_dtype, storage_dtype, to_host
 
 
@@ -43,21 +43,36 @@ def aligned(nbytes: int) -> int:
 
 def _checksums(dst: np.ndarray, src: np.ndarray | None, name: str, plans) -> tuple | None:
     """Copy `src` into `dst` (when given) and return the slice checksums of `name` for
-    `plans` (one shard plan per TP rank): hashed during the copy when every rank takes the
-    whole tensor, else of `dst` right after it."""
+    `plans` (one shard plan per TP rank). The copy runs on every core and hashes each block
+    where it landed: the tensor is read once, whether the ranks take it whole or in slices
+    that together cover it; other layouts are hashed after the copy."""
     if plans is None:
         if src is not None:
-            np.copyto(dst, src, casting="no")
+            copy_and_digest(dst, src)
         return None
     specs = [plan.get(name, REPLICATED) for plan in plans]
-    if src is not None and all(s.is_replicated for s in specs):
-        return (copy_and_digest(dst, src),)
-    if src is not None:
-        np.copyto(dst, src, casting="no")
     try:
+        if src is not None and all(s.is_replicated for s in specs):
+            return (copy_and_digest(dst, src),)
+        if src is not None and _cover(specs):
+            return tuple(
+                copy_and_digests(
+                    [take_shard(dst, s) for s in specs], [take_shard(src, s) for s in specs]
+                )
+            )
+        if src is not None:
+            copy_and_digest(dst, src)
         return slice_checksums(dst, specs)
     except WeightMismatchError as e:
         raise WeightMismatchError(f"parameter {name!r}: {e}") from None
+
+
+def _cover(specs: Sequence[ShardSpec]) -> bool:
+    """Whether the ranks' slices are the tensor's parts, each once."""
+    first = specs[0]
+    return first.axis is not None and sorted((s.axis, s.parts, s.index) for s in specs) == [
+        (first.axis, first.parts, i) for i in range(first.parts)
+    ]
 
 
 class BucketRing:

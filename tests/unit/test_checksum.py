@@ -8,7 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from fd_ray_sync.checksum import BLOCK, copy_and_digest, digest, digests, legacy_crc32
+from fd_ray_sync.checksum import (
+    BLOCK,
+    copy_and_digest,
+    copy_and_digests,
+    digest,
+    digests,
+    legacy_crc32,
+)
 from fd_ray_sync.errors import ChecksumError
 from fd_ray_sync.safetensors_io import write_safetensors
 from fd_ray_sync.sources.snapshot import (
@@ -139,3 +146,13 @@ def test_legacy_crc32_snapshots_are_still_verified(tmp_path):
     with pytest.raises(ChecksumError, match="'b' does not match its checksum .*crc32"):
         source.verify()
     source.close()
+
+
+def test_copy_and_digests_copies_each_slice_and_returns_the_digests_of_the_sources():
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((300, 2048), dtype=np.float32)  # several blocks a slice
+    dst = np.zeros_like(src)
+    halves = [np.s_[:, :1024], np.s_[:, 1024:]]  # column slices: strided views
+    got = copy_and_digests([dst[h] for h in halves], [src[h] for h in halves])
+    np.testing.assert_array_equal(dst, src)
+    assert got == [digest(src[h]) for h in halves]
