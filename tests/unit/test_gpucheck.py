@@ -1,6 +1,7 @@
 """The one-GPU check (fd_ray_sync/gpucheck.py) run as its users run it: a subprocess starting a
 trainer and two ranks. Here on CPU over shared memory; on a GPU machine, the small GPU run."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "fd_ray_sync" / "gpucheck.py"
 CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
+# `-m` imports fd_ray_sync/__init__ (Ray, pydantic) first; a bare GPU machine has neither and
+# runs the file by its path, which needs torch only.
+PACKAGE_IMPORTS = all(importlib.util.find_spec(m) for m in ("ray", "pydantic"))
 
 
 def run_check(tmp_path, args, timeout, module=False):
@@ -28,7 +32,8 @@ def explain(proc):
 
 
 def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(tmp_path):
-    proc, report = run_check(tmp_path, [*CPU_SMALL, "--timeout-s", "150"], 180, module=True)
+    args = [*CPU_SMALL, "--timeout-s", "150"]
+    proc, report = run_check(tmp_path, args, 180, module=PACKAGE_IMPORTS)
     assert proc.returncode == 0, explain(proc)
     methods = report["methods"]
     for name in ("floor", "floor_sliced", "ring", "registered", "host"):
