@@ -18,6 +18,66 @@ CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
 PACKAGE_IMPORTS = all(importlib.util.find_spec(m) for m in ("ray", "pydantic"))
 
 
+def load_gpucheck():
+    """The module from its file, without the package's __init__ (as a bare GPU machine has it)."""
+    spec = importlib.util.spec_from_file_location("gpucheck_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = load_gpucheck()
+
+
+def test_the_synthetic_model_is_900_tensors_of_about_the_asked_size_split_evenly():
+    for gib in (0.02, 1.0, 16.0):
+        specs = gc.model_specs(gib)
+        assert len(specs) == 900
+        total = sum(s.nbytes for s in specs)
+        assert abs(total / gc.GiB - gib) / gib < 0.15  # h is a multiple of 16
+        assert {s.split for s in specs} == {"row", "col", "rep"}
+        row = sum(s.nbytes for s in specs if s.split == "row")
+        assert row == sum(s.nbytes for s in specs if s.split == "col")  # half by rows, half by cols
+        for s in specs:  # every TP slice is whole
+            assert 2 * gc.math.prod(s.rank_shape()) * (1 if s.split == "rep" else 2) == s.nbytes
+
+
+def test_rank_slices_are_views_rows_contiguous_columns_strided():
+    spec = gc.TensorSpec("w", (4, 6), "col")
+    full = torch.arange(24, dtype=torch.float32).reshape(4, 6).to(torch.bfloat16)
+    right = spec.rank_slice(full, 1)
+    assert right.shape == (4, 3) and not right.is_contiguous()
+    assert right.data_ptr() == full.data_ptr() + 3 * 2  # a view, not a copy
+    rows = gc.TensorSpec("w", (4, 6), "row").rank_slice(full, 1)
+    assert rows.is_contiguous() and torch.equal(rows, full[2:])
+
+
+def test_bucket_plans_align_fill_in_order_and_refuse_an_item_too_big():
+    plan = gc.plan_buckets([100, 300, 200, 1000, 10], bucket_bytes=1024)
+    assert plan == [[(0, 0), (1, 256), (2, 768)], [(3, 0)], [(4, 0)]]
+    for bucket in plan:
+        assert all(off % gc.ALIGN == 0 for _, off in bucket)
+    with pytest.raises(ValueError, match="raise --bucket-mib"):
+        gc.plan_buckets([10, 2048], bucket_bytes=1024)
+    specs = gc.model_specs(0.02)
+    parts = gc.host_parts(specs)
+    assert len(parts) == sum(1 if s.split == "rep" else 2 for s in specs)
+
+
+def test_the_checksum_ignores_layout_and_sees_swapped_rows_or_columns():
+    x = torch.randint(0, gc.VALUE_MASK + 1, (64, 48), dtype=torch.int16).view(torch.bfloat16)
+    wide = torch.zeros(64, 96, dtype=torch.bfloat16)
+    wide[:, 48:] = x
+    assert int(gc.checksum(wide[:, 48:])) == int(gc.checksum(x))  # strided view, same values
+    assert gc.equal_bits(wide[:, 48:], x)
+    assert int(gc.checksum(x[[1, 0, *range(2, 64)]])) != int(gc.checksum(x))
+    assert int(gc.checksum(x[:, [1, 0, *range(2, 48)]])) != int(gc.checksum(x))
+    y = x.clone()
+    y.view(torch.int16)[5, 7] ^= 1
+    assert not gc.equal_bits(x, y)
+
+
 def run_check(tmp_path, args, timeout, module=False):
     out = tmp_path / "gpucheck.json"
     entry = ["-m", "fd_ray_sync.gpucheck"] if module else [str(SCRIPT)]
@@ -46,7 +106,7 @@ def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(t
     assert "reallocation refusal seen: yes" in proc.stdout
 
 
-def test_the_module_needs_neither_ray_nor_paddle_nor_pydantic():
+def test_the_module_needs_neither_ray_nor_paddle_nor_pydantic():  # in a fresh interpreter
     """A bare GPU machine has torch and numpy only: the file must import and run without the
     package (whose __init__ imports Ray and pydantic)."""
     code = (
