@@ -1562,7 +1562,7 @@ def main(argv=None) -> int:
                     if step == "floor":
                         remaining.pop(0)
                         out = tree.command("floor", ("trainer",), step_deadline())["trainer"]
-                        _record_floor(out, report)
+                        _guarded(log, report, "floor", _record_floor, out, report)
                     step = "setup"
                     setup = tree.command("setup", NAMES, step_deadline())
                     report["setup"] = {**setup["trainer"], "ranks": [setup[n] for n in NAMES[1:]]}
@@ -1579,12 +1579,10 @@ def main(argv=None) -> int:
             log("method %s", method)
             try:
                 out = tree.command(method, NAMES, step_deadline())
-                report["methods"][method] = summarize_method(method, out, report)
-                log(
-                    "%s: %s",
-                    method,
-                    {k: v for k, v in report["methods"][method].items() if k != "times_s"},
-                )
+                row = _guarded(log, report, method, summarize_method, method, out, report)
+                if row is not None:
+                    report["methods"][method] = row
+                    log("%s: %s", method, {k: v for k, v in row.items() if k != "times_s"})
             except StepFailed as e:
                 log("%s", e)
                 report["methods"][method] = {"error": e.summary()}
@@ -1616,6 +1614,18 @@ def main(argv=None) -> int:
     if timed_out:
         return 3
     return 0 if ok else 1
+
+
+def _guarded(log, report: dict, name: str, fn, *args):
+    """A bug in summing up one method's results is that method's error, not the run's end."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        tb = traceback.format_exc()
+        log("summing up %s failed:\n%s", name, tb)
+        report["methods"][name] = {"error": "summary failed: " + tb.strip().splitlines()[-1]}
+        report["errors"][f"{name} summary"] = tb
+        return None
 
 
 def _record_floor(out: dict, report: dict) -> None:
