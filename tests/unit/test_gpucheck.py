@@ -1,0 +1,162 @@
+"""The one-GPU check (fd_ray_sync/gpucheck.py) run as its users run it: a subprocess starting a
+trainer and two ranks. Here on CPU over shared memory; on a GPU machine, the small GPU run."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "fd_ray_sync" / "gpucheck.py"
+CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
+# `-m` imports fd_ray_sync/__init__ (Ray, pydantic) first; a bare GPU machine has neither and
+# runs the file by its path, which needs torch only.
+PACKAGE_IMPORTS = all(importlib.util.find_spec(m) for m in ("ray", "pydantic"))
+
+
+def load_gpucheck():
+    """The module from its file, without the package's __init__ (as a bare GPU machine has it)."""
+    spec = importlib.util.spec_from_file_location("gpucheck_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = load_gpucheck()
+
+
+def test_the_synthetic_model_is_900_tensors_of_about_the_asked_size_split_evenly():
+    for gib in (0.02, 1.0, 16.0):
+        specs = gc.model_specs(gib)
+        assert len(specs) == 900
+        total = sum(s.nbytes for s in specs)
+        assert abs(total / gc.GiB - gib) / gib < 0.15  # h is a multiple of 16
+        assert {s.split for s in specs} == {"row", "col", "rep"}
+        row = sum(s.nbytes for s in specs if s.split == "row")
+        assert row == sum(s.nbytes for s in specs if s.split == "col")  # half by rows, half by cols
+        for s in specs:  # every TP slice is whole
+            assert 2 * gc.math.prod(s.rank_shape()) * (1 if s.split == "rep" else 2) == s.nbytes
+
+
+def test_rank_slices_are_views_rows_contiguous_columns_strided():
+    spec = gc.TensorSpec("w", (4, 6), "col")
+    full = torch.arange(24, dtype=torch.float32).reshape(4, 6).to(torch.bfloat16)
+    right = spec.rank_slice(full, 1)
+    assert right.shape == (4, 3) and not right.is_contiguous()
+    assert right.data_ptr() == full.data_ptr() + 3 * 2  # a view, not a copy
+    rows = gc.TensorSpec("w", (4, 6), "row").rank_slice(full, 1)
+    assert rows.is_contiguous() and torch.equal(rows, full[2:])
+
+
+def test_bucket_plans_align_fill_in_order_and_refuse_an_item_too_big():
+    plan = gc.plan_buckets([100, 300, 200, 1000, 10], bucket_bytes=1024)
+    assert plan == [[(0, 0), (1, 256), (2, 768)], [(3, 0)], [(4, 0)]]
+    for bucket in plan:
+        assert all(off % gc.ALIGN == 0 for _, off in bucket)
+    with pytest.raises(ValueError, match="raise --bucket-mib"):
+        gc.plan_buckets([10, 2048], bucket_bytes=1024)
+    specs = gc.model_specs(0.02)
+    parts = gc.host_parts(specs)
+    assert len(parts) == sum(1 if s.split == "rep" else 2 for s in specs)
+
+
+def test_the_checksum_ignores_layout_and_sees_swapped_rows_or_columns():
+    x = torch.randint(0, gc.VALUE_MASK + 1, (64, 48), dtype=torch.int16).view(torch.bfloat16)
+    wide = torch.zeros(64, 96, dtype=torch.bfloat16)
+    wide[:, 48:] = x
+    assert int(gc.checksum(wide[:, 48:])) == int(gc.checksum(x))  # strided view, same values
+    assert gc.equal_bits(wide[:, 48:], x)
+    assert int(gc.checksum(x[[1, 0, *range(2, 64)]])) != int(gc.checksum(x))
+    assert int(gc.checksum(x[:, [1, 0, *range(2, 48)]])) != int(gc.checksum(x))
+    y = x.clone()
+    y.view(torch.int16)[5, 7] ^= 1
+    assert not gc.equal_bits(x, y)
+
+
+def run_check(tmp_path, args, timeout, module=False):
+    out = tmp_path / "gpucheck.json"
+    entry = ["-m", "fd_ray_sync.gpucheck"] if module else [str(SCRIPT)]
+    cmd = [sys.executable, *entry, *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    report = json.loads(out.read_text()) if out.exists() else None
+    return proc, report
+
+
+def explain(proc):
+    return f"rc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(tmp_path):
+    args = [*CPU_SMALL, "--timeout-s", "150"]
+    proc, report = run_check(tmp_path, args, 180, module=PACKAGE_IMPORTS)
+    assert proc.returncode == 0, explain(proc)
+    methods = report["methods"]
+    for name in ("floor", "floor_sliced", "ring", "registered", "host"):
+        assert methods[name]["bit_identical"] is True, (name, methods[name])
+        assert methods[name]["best_s"] > 0
+    refusal = report["refusal"]
+    assert refusal["seen"] and refusal["confirmed_after_reregister"], refusal
+    assert len(refusal["messages"]) == 2
+    assert all("reallocated since they were registered" in m for m in refusal["messages"])
+    assert "reallocation refusal seen: yes" in proc.stdout
+
+
+def test_the_module_needs_neither_ray_nor_paddle_nor_pydantic():  # in a fresh interpreter
+    """A bare GPU machine has torch and numpy only: the file must import and run without the
+    package (whose __init__ imports Ray and pydantic)."""
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('gpucheck', 'fd_ray_sync/gpucheck.py')\n"
+        "sys.modules['gpucheck'] = module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in ('ray', 'paddle', 'pydantic') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    usage = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--inject-fault" in usage.stdout
+
+
+def test_a_dead_rank_or_a_raising_trainer_fails_only_that_method(tmp_path):
+    faults = ["--inject-fault", "rank1:ring:exit", "--inject-fault", "trainer:registered:raise"]
+    proc, report = run_check(tmp_path, [*CPU_SMALL, "--timeout-s", "150", *faults], 180)
+    assert proc.returncode == 1, explain(proc)
+    methods = report["methods"]
+    assert "rank1: died with exit code 7" in methods["ring"]["error"]
+    assert "injected fault in trainer, registered update 1" in methods["registered"]["error"]
+    assert methods["host"]["bit_identical"] is True  # on a fresh trainer and ranks
+    assert "injected fault in trainer" in proc.stdout  # the traceback, in the parent's log
+
+
+def test_a_hang_ends_at_the_global_timeout_with_stacks_and_the_partial_table(tmp_path):
+    args = [*CPU_SMALL, "--timeout-s", "20", "--inject-fault", "rank0:ring:hang"]
+    proc, report = run_check(tmp_path, args, 120)
+    assert proc.returncode == 3, explain(proc)
+    methods = report["methods"]
+    assert methods["floor"]["bit_identical"] is True
+    assert "rank0: no answer to 'ring' before the deadline" in methods["ring"]["error"]
+    assert methods["host"]["error"] == "not run: global timeout"
+    assert "in maybe_fault" in proc.stderr  # the hung rank's stack, asked for before the kill
+    assert "FAILED: not run: global timeout" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"
+)
+def test_gpu_small_run_is_bit_identical_and_ranks_write_in_place(tmp_path):
+    args = ["--device", "cuda", "--gib", "1", "--updates", "2", "--bucket-mib", "64"]
+    proc, report = run_check(tmp_path, [*args, "--timeout-s", "300"], 360)
+    assert proc.returncode == 0, explain(proc)
+    methods = report["methods"]
+    for name in ("floor", "ring", "ring_hostsync", "registered", "host"):
+        assert methods[name]["bit_identical"] is True, (name, methods[name])
+    for name in ("ring", "ring_hostsync", "registered", "host"):
+        assert all(m is not None and m < 64 for m in methods[name]["rank_extra_mib"]), methods[name]
+    assert report["refusal"]["seen"] and report["refusal"]["confirmed_after_reregister"]
