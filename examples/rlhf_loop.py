@@ -4,8 +4,9 @@ Each step: the fleet generates rollouts -> a rule-based reward scores them -> th
 a few Adam steps (reward-weighted likelihood of the rollouts plus a small supervised term on
 built-in demonstrations) -> the trainer actor pushes its parameters to the fleet itself
 (`Fleet.connect` inside it, then `fleet.update`): the weights go from its memory into the
-object store once, never through the driver. Every rollout must come from the version pushed
-just before it.
+object store once (or, with `--transport ipc`, into a ring of shared-memory buckets the ranks
+copy from), never through the driver. Every rollout must come from the version pushed just
+before it.
 
     python examples/rlhf_loop.py --steps 3                  # starts (or joins) a local Ray
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \\
@@ -26,7 +27,7 @@ import paddle
 import paddle.nn.functional as F
 import ray
 
-from fd_ray_sync.config import FleetConfig
+from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.model import DecoderLM, assign_parameters, preset
 from fd_ray_sync.engine.reference import init_full_state_dict
@@ -114,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate.")
     parser.add_argument("--seed", type=int, default=0, help="Initial weights' seed.")
     parser.add_argument(
+        "--transport",
+        choices=("object_store", "ipc"),
+        default="object_store",
+        help="How the trainer's weights reach the ranks: the object store, or shared memory "
+        "(ipc: the trainer actor must run on the ranks' node, as on one machine).",
+    )
+    parser.add_argument(
         "--address",
         default=None,
         help="Ray address; default: RAY_ADDRESS (set by `ray job submit`), a running local "
@@ -126,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace=NAMESPACE)
     name = f"rlhf-{uuid.uuid4().hex[:8]}"
     trainer = Trainer.remote("tiny", args.seed, args.lr, args.new_tokens)
-    fleet = Fleet.launch(FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model="tiny"))
+    load = LoadConfig(load_strategy=args.transport)
+    config = FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model="tiny", load=load)
+    fleet = Fleet.launch(config)
     try:
         ray.get(trainer.connect.remote(name, NAMESPACE))
         # Version 0: the trainer's initial weights, so the fleet has something to serve.

@@ -159,7 +159,7 @@ def test_rlhf_loop_runs_as_a_job(head: Head) -> None:
         submit = head.ray(
             "job", "submit", "--log-color", "false", "--address", head.address,
             "--submission-id", job_id,
-            "--", sys.executable, str(EXAMPLE), "--steps", "2",
+            "--", sys.executable, str(EXAMPLE), "--steps", "2", "--transport", "ipc",
             timeout=JOB_TIMEOUT_S,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
