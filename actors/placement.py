@@ -1,0 +1,359 @@
+"""Placement and recovery of a fleet's ranks: the coordinator's half that keeps them alive.
+
+`PlacementMixin` places the rank actors (one placement group per replica), forms each
+replica's world, and brings replicas back on the committed version: after a rank dies, after
+an aborted update, after a coordinator restart (`_adopt`). It lives apart from the update
+transaction so each reads on its own; both run on the one `CoordinatorActor` and share its
+state (see its `__init__`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import ray
+from ray.util.placement_group import (
+    get_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.weight_manager import WeightManagerActor
+from fd_ray_sync.errors import PhaseTimeout, RankFailed, RestoreError, StateError
+from fd_ray_sync.sources.snapshot import SnapshotSpec
+from fd_ray_sync.version import is_newer
+
+# What a call on a rank raises when its actor is dead or being restarted.
+RANK_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def rank_actor_name(fleet: str, rank: int) -> str:
+    return f"{fleet}.rank{rank}"
+
+
+class PlacementMixin:
+    """Launch, adoption, rebuild and shutdown of a fleet's ranks (part of CoordinatorActor)."""
+
+    def _adopt(self) -> None:
+        """After a coordinator restart: find the placement groups and ranks by name and
+        rebuild the state. A rank that died meanwhile is created anew (heal rebuilds it)."""
+        try:
+            self.pgs = [
+                get_placement_group(_pg_name(self.config.name, replica))
+                for replica in range(self.config.dp)
+            ]
+        except ValueError:
+            return  # a new fleet: start() creates everything
+        if self.config.use_gpu is None:  # what start() decided, as the groups hold it
+            use_gpu = self.pgs[0].bundle_specs[0].get("GPU", 0) > 0
+            self.config = self.config.model_copy(update={"use_gpu": use_gpu})
+        self.ranks = [self._find_rank(rank) for rank in range(self.world)]
+        states = []
+        for rank in range(self.world):
+            try:
+                states.append(ray.get(self.ranks[rank].committed_state.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a rank we cannot ask gets rebuilt below
+                pass
+        known = [(spec, fps) for spec, fps in states if spec is not None]
+        if known:
+            self._committed, self._fingerprints = max(
+                known, key=lambda k: _VersionKey(k[0].version)
+            )
+            self.version = self._committed.version
+        self.log.warning(
+            "restarted: adopted %d ranks, committed version %s", self.world, self.version
+        )
+        self.heal()
+
+    def start(self) -> dict:
+        """Place and create the rank actors, form each replica's world, bootstrap-load."""
+        if self.ranks:
+            return {"world": self.world, "adopted": True}
+        cfg = self.config
+        use_gpu = cfg.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world
+            cfg = self.config = cfg.model_copy(update={"use_gpu": use_gpu})
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        # One placement group per replica, its ranks on one node (TP traffic stays inside
+        # it); replicas aimed at different nodes. Not detached unless the fleet is: then the
+        # groups, and the ranks placed in them, end with the driver's job.
+        targets = _spread_targets(cfg.dp, cfg.tp, bundle)
+        self.pgs = [
+            placement_group(
+                [dict(bundle) for _ in range(cfg.tp)],
+                strategy="STRICT_PACK",
+                name=_pg_name(cfg.name, replica),
+                lifetime="detached" if cfg.detached else None,
+                _soft_target_node_id=targets[replica],
+            )
+            for replica in range(cfg.dp)
+        ]
+        if not all(pg.wait(timeout_seconds=cfg.phase_timeout_s) for pg in self.pgs):
+            for pg in self.pgs:
+                remove_placement_group(pg)
+            self.pgs = []
+            raise StateError(
+                f"could not place {cfg.dp} replicas of {cfg.tp} ranks ({bundle} each, one "
+                f"node per replica) within {cfg.phase_timeout_s}s; the cluster has "
+                f"{ray.cluster_resources()}"
+            )
+        self.ranks = [self._create_rank(rank, use_gpu) for rank in range(self.world)]
+        for replica in range(cfg.dp):
+            self._form_replica(replica)
+        self.log.info("fleet %s up: dp=%d x tp=%d on %s", cfg.name, cfg.dp, cfg.tp, bundle)
+        if cfg.load.model_dir is not None:
+            self.update(SnapshotSpec(None, folder=str(cfg.load.model_dir)))
+        return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
+
+    def _find_rank(self, rank: int):
+        """The named rank actor, or a new one if it is gone."""
+        try:
+            return ray.get_actor(rank_actor_name(self.config.name, rank), self.config.namespace)
+        except ValueError:
+            return self._create_rank(rank, bool(self.config.use_gpu))
+
+    def _create_rank(self, rank: int, use_gpu: bool):
+        return WeightManagerActor.options(
+            name=rank_actor_name(self.config.name, rank),
+            namespace=self.config.namespace,
+            # Detached, so a restarted coordinator finds its ranks; they still end with
+            # their placement group (and so with the driver's job, unless detached). Ray
+            # does not restart them: a restart waits forever once the group is gone; a
+            # dead rank is created anew when its replica is rebuilt (`_await_alive`).
+            lifetime="detached",
+            max_restarts=0,
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pgs[rank // self.config.tp], rank % self.config.tp
+            ),
+            # One BLAS thread per rank: the ranks already use every core between them.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        ).remote(self.config.parallel(rank), self.config.load, self._factory)
+
+    def _replica_ranks(self, replica: int) -> list[int]:
+        return self.config.parallel().replica_ranks(replica)
+
+    def _form_replica(self, replica: int, attempts: int = 3) -> None:
+        """Wait for the replica's rank processes, then join them into one world.
+
+        A rank process that dies while the world forms (a crash, a killed process) takes
+        the whole replica through another try: a paddle world cannot take in a newcomer.
+        """
+        ranks = self._replica_ranks(replica)
+        for attempt in range(1, attempts + 1):
+            deadline = time.monotonic() + self.config.phase_timeout_s
+            try:
+                endpoints = [self._await_alive(r, deadline) for r in ranks]
+                # A rank that dies while the world forms leaves its peers waiting for it in
+                # paddle's rendezvous: stop at the first failure, the retry restarts them.
+                out = self._phase(
+                    "setup", lambda a, ep=endpoints: a.setup.remote(ep), ranks, fail_fast=True
+                )
+                self._nodes.update({rank: info["node"] for rank, info in out.items()})
+                self._pids.update({rank: info["pid"] for rank, info in out.items()})
+                return
+            except RankFailed as e:
+                if not e.lost or attempt == attempts:
+                    raise
+                self.log.warning("replica %d did not form (%s); try %d", replica, e, attempt + 1)
+                for rank in ranks:
+                    ray.kill(self.ranks[rank], no_restart=False)
+
+    def _await_alive(self, rank: int, deadline: float) -> str:
+        while True:
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                return ray.get(self.ranks[rank].get_endpoint.remote(), timeout=left)
+            except (*RANK_LOST, ray.exceptions.GetTimeoutError) as e:
+                if self._gone_for_good(rank):
+                    self.log.warning("rank %d is dead for good; creating it anew", rank)
+                    self.ranks[rank] = self._create_rank(rank, bool(self.config.use_gpu))
+                if time.monotonic() >= deadline:
+                    raise PhaseTimeout(
+                        "restart", {rank: f"did not come back: {e}"}, lost=[rank]
+                    ) from None
+                time.sleep(0.2)
+
+    def _gone_for_good(self, rank: int) -> bool:
+        """True when Ray will not restart the rank (its name is free again)."""
+        try:
+            ray.get_actor(rank_actor_name(self.config.name, rank), self.config.namespace)
+            return False
+        except ValueError:
+            return True
+
+    def _rebuild_replica(self, replica: int) -> None:
+        """Restart every rank process of a replica, form its world, load the committed version."""
+        ranks = self._replica_ranks(replica)
+        self._ok[replica] = False
+        self.log.warning("rebuilding replica %d (ranks %s)", replica, ranks)
+        for rank in ranks:
+            ray.kill(self.ranks[rank], no_restart=False)
+        self._form_replica(replica)
+        if self._committed is not None and self._committed.restorable and not self._cleared:
+            self._load_committed(replica)
+
+    def _load_committed(self, replica: int) -> None:
+        """Load the committed version into a replica, verified like an update: each rank's
+        fingerprint must be the one committed, or the replica stays down (RestoreError)."""
+        spec, ranks = self._committed, self._replica_ranks(replica)
+        if self._cleared or spec is None or not spec.restorable:
+            why = (
+                "the fleet was cleared"
+                if self._cleared
+                else (
+                    f"version {self.version} was committed without keeping a copy "
+                    "(keep_committed=False)"
+                )
+            )
+            raise RestoreError(f"replica {replica}: nothing to restore: {why}; update it")
+        self._phase("restore", lambda a: a.restart.remote(), ranks)
+        try:
+            prepared = self._phase("restore", lambda a: a.prepare.remote(spec), ranks)
+        except RankFailed as e:
+            raise RestoreError(
+                f"replica {replica}: the committed source is refused now: {e}"
+            ) from e
+        moved = {
+            r: p.recorded_version
+            for r, p in prepared.items()
+            if p.recorded_version not in (None, spec.version)
+        }
+        if moved:
+            self._phase("restore", lambda a: a.resume.remote(), ranks)
+            raise RestoreError(
+                f"replica {replica}: the committed source now records version(s) {moved}, "
+                f"not {spec.version}"
+            )
+        self._phase("restore", lambda a: a.load.remote(), ranks)
+        want = {r: self._fingerprints.get(r) for r in ranks}
+        check = all(want.values())
+        checks = self._phase(
+            "restore", lambda a: a.verify.remote(check or self.config.fingerprint), ranks
+        )
+        wrong = {
+            r: f"fingerprint {checks[r]['fingerprint']}, committed {want[r]}"
+            for r in ranks
+            if check and checks[r]["fingerprint"] != want[r]
+        }
+        if wrong:
+            raise RestoreError(
+                f"replica {replica}: restored weights differ from version {spec.version} as "
+                f"committed (its source changed since): "
+                + "; ".join(f"rank {r}: {m}" for r, m in wrong.items())
+            )
+        keep = self.config.keep_committed
+        self._phase("restore", lambda a: a.commit.remote(keep, self._fingerprints), ranks)
+        self._ok[replica] = True
+        self._down.pop(replica, None)
+
+    def _replica_down(self, replica: int, error: Exception) -> None:
+        self._ok[replica] = False
+        self._down[replica] = f"{type(error).__name__}: {error}"
+        self.log.error("replica %d is down: %s", replica, self._down[replica])
+
+    def _lost(self, ranks: Iterable[int]) -> set[int]:
+        """Those of `ranks` that are not the process this coordinator set up: dead, replaced
+        by a fresh, empty process, or not answering."""
+        refs = {r: self.ranks[r].incarnation.remote() for r in ranks}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=10)
+        stale = set()
+        for rank, ref in refs.items():
+            try:
+                pid = ray.get(ref) if ref in ready else None
+            except Exception:  # noqa: BLE001 - dead or restarting
+                pid = None
+            if pid is None or pid != self._pids.get(rank):
+                stale.add(rank)
+        return stale
+
+    def _rebuild_lost(self, replicas: Iterable[int] | None = None) -> None:
+        """Rebuild the replicas (all, or those given) with a rank lost while idle."""
+        replicas = range(self.config.dp) if replicas is None else replicas
+        ranks = [r for rep in replicas for r in self._replica_ranks(rep)]
+        for replica in sorted({r // self.config.tp for r in self._lost(ranks)}):
+            self.log.warning("replica %d lost a rank: rebuilding it", replica)
+            try:
+                self._rebuild_replica(replica)
+            except Exception as e:  # noqa: BLE001 - reported in status; the replica stays down
+                self._replica_down(replica, e)
+
+    def heal(self) -> dict:
+        """Make every replica serve the committed version again, rebuilding where needed."""
+        statuses = {}
+        for rank in range(self.world):
+            try:
+                statuses[rank] = ray.get(self.ranks[rank].status.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - dead, restarting or hung: rebuild it
+                statuses[rank] = None
+        self._nodes.update({r: st["node"] for r, st in statuses.items() if st is not None})
+        self._pids.update(
+            {r: st["pid"] for r, st in statuses.items() if st is not None and st["set_up"]}
+        )
+        for replica in range(self.config.dp):
+            states = [statuses[r] for r in self._replica_ranks(replica)]
+            alive = all(st is not None and st["set_up"] for st in states)
+            if alive and (self._cleared or self.version is None):
+                continue  # up, and nothing is meant to be loaded
+            if alive and all(
+                st["weights"] == "NORMAL"
+                and st["version"] == self.version
+                and st["fingerprint"] == self._fingerprints.get(st["rank"])
+                for st in states
+            ):
+                self._ok[replica] = True
+                continue
+            try:
+                self._rebuild_replica(replica)
+            except Exception as e:  # noqa: BLE001 - reported; the replica stays down
+                self._replica_down(replica, e)
+        return {"version": self.version, "replicas_serving": list(self._ok)}
+
+    def shutdown(self) -> None:
+        """Kill every rank and remove the placement groups, found by name as well (a
+        coordinator that failed to adopt them still takes them down)."""
+        cfg = self.config
+        for rank in range(self.world):
+            try:
+                ray.kill(ray.get_actor(rank_actor_name(cfg.name, rank), cfg.namespace))
+            except ValueError:
+                pass
+        for actor in self.ranks:
+            ray.kill(actor, no_restart=True)
+        self.ranks = []
+        for replica in range(self.config.dp):
+            try:
+                remove_placement_group(get_placement_group(_pg_name(self.config.name, replica)))
+            except ValueError:
+                pass
+        self.pgs = []
+        self._ok = [False] * self.config.dp
+
+
+def _pg_name(fleet: str, replica: int) -> str:
+    return f"{fleet}.pg{replica}"
+
+
+def _spread_targets(dp: int, tp: int, bundle: dict[str, float]) -> list[str | None]:
+    """A node to aim each replica at: the alive nodes that can hold a whole replica, taken
+    in turn (a soft target: Ray places a replica elsewhere when its node is full)."""
+    fits = sorted(
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and all(n["Resources"].get(k, 0) >= v * tp for k, v in bundle.items())
+    )
+    return [fits[r % len(fits)] if fits else None for r in range(dp)]
+
+
+class _VersionKey:
+    """Orders versions as `is_newer` does (for picking the newest committed one)."""
+
+    def __init__(self, version: str | None):
+        self.version = version
+
+    def __lt__(self, other: _VersionKey) -> bool:
+        return other.version is not None and is_newer(other.version, self.version)

@@ -1,0 +1,370 @@
+"""The update transaction: numbered phases run on every rank, all-or-nothing.
+
+`TransactionMixin` holds `_phase` (one round of remote calls joined with a timeout: the
+barrier), the two ways in (`update`, `update_stream`), the numbered phases of `_transaction`
+with its abort, and the feed of a pipelined update, served in the "feed" concurrency group
+beside the transaction. It lives apart from placement and serving so the phases read in one
+place; all three run on the one `CoordinatorActor` and share its state (see its `__init__`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import ray
+
+from actors.placement import RANK_LOST
+from fd_ray_sync.buckets import BucketMeta
+from fd_ray_sync.errors import (
+    PartialUpdateError,
+    PhaseTimeout,
+    RankFailed,
+    RestoreError,
+    StateError,
+    VersionError,
+)
+from fd_ray_sync.feed import BucketFeed, relay_plan
+from fd_ray_sync.messages import LoadReport, PrepareReport, UpdateReport
+from fd_ray_sync.ray_stats import ProcessRef, is_alive
+from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources.object_store import ObjectStoreSpec
+from fd_ray_sync.version import is_newer, validate_version
+
+TRAINER_POLL_S = 0.5  # how often a running update asks whether its trainer still lives
+
+
+class TransactionMixin:
+    """The phases of an update and the feed of a pipelined one (part of CoordinatorActor)."""
+
+    # --- phases --------------------------------------------------------------------------
+
+    def _phase(
+        self,
+        name: str,
+        call: Callable,
+        ranks: Iterable[int] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        fail_fast: bool = False,
+    ) -> dict:
+        """Run `call(actor)` on the ranks and join them: the barrier of one phase.
+
+        `on_failure(reason)` runs as soon as one rank fails, while the others still run
+        (a pipelined load closes its feed, so ranks waiting for buckets stop at once). With
+        `fail_fast`, the first failure ends the wait: the ranks still running (in a
+        collective with the failed one, most likely) are reported lost.
+        """
+        ranks = list(range(self.world)) if ranks is None else list(ranks)
+        refs = {rank: call(self.ranks[rank]) for rank in ranks}
+        timeout = self.config.phase_timeout_s
+        stop = False  # a rank failed and fail_fast: the others are abandoned
+        if on_failure is None and not fail_fast:
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        else:
+            on_failure = on_failure or (lambda reason: None)
+            pending, rank_of = list(refs.values()), {ref: r for r, ref in refs.items()}
+            deadline = time.monotonic() + timeout
+            while pending and not stop and (left := deadline - time.monotonic()) > 0:
+                done, pending = ray.wait(pending, num_returns=1, timeout=left)
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - reported below, with the rest
+                        on_failure(f"rank {rank_of[ref]} failed in {name}: {type(e).__name__}")
+                        stop = fail_fast
+        pending = set(pending)
+        results, failures, errors, lost = {}, {}, {}, set()
+        for rank, ref in refs.items():
+            if ref in pending:
+                failures[rank] = (
+                    "abandoned: a peer failed first" if stop else f"no answer within {timeout:g}s"
+                )
+                lost.add(rank)
+                continue
+            try:
+                results[rank] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if e.cause is not None else e
+                errors[rank] = cause
+                failures[rank] = f"{type(cause).__name__}: {cause}"
+            except RANK_LOST as e:
+                failures[rank] = f"rank actor died: {type(e).__name__}"
+                lost.add(rank)
+        if pending and not stop:
+            # A sync actor's running task cannot be interrupted: the slow ranks are `lost`,
+            # and rebuilding their replica restarts those processes.
+            raise PhaseTimeout(name, failures, errors, lost)
+        if failures:
+            raise RankFailed(name, failures, errors, lost)
+        return results
+
+    # --- updates -------------------------------------------------------------------------
+
+    # The feed of a pipelined update: the trainer (`Fleet.update`) puts buckets while the
+    # ranks already write the first ones. These methods run in the "feed" threads, beside
+    # the transaction running in the main thread.
+
+    def _feed(self, uid: str) -> BucketFeed:
+        with self._feeds_lock:
+            feed = self._feeds.get(uid)
+            if feed is None:
+                feed = self._feeds[uid] = BucketFeed(self.world, self.config.keep_committed)
+                ended = [u for u, f in self._feeds.items() if f.closed is not None]
+                for old in ended[:-8]:  # keep a few, for late calls to find them closed
+                    del self._feeds[old]
+            return feed
+
+    @ray.method(concurrency_group="feed")
+    def feed_bucket(self, uid: str, meta: BucketMeta, refs: list) -> None:
+        """Add bucket `meta.index` (its ref inside `refs`, so it stays a ref)."""
+        self._feed(uid).add(meta, refs[0])
+
+    @ray.method(concurrency_group="feed")
+    def feed_wait(self, uid: str, index: int) -> None:
+        """Return once every rank has written bucket `index` (the trainer's backpressure)."""
+        self._feed(uid).wait_written(index, self.config.phase_timeout_s)
+
+    @ray.method(concurrency_group="feed")
+    def feed_end(self, uid: str, count: int, expected: dict[int, str] | None) -> None:
+        self._feed(uid).end(count, expected)
+
+    @ray.method(concurrency_group="feed")
+    def feed_close(self, uid: str, reason: str) -> None:
+        """The trainer gave up (its packing failed): the update aborts."""
+        self._feed(uid).close(f"the trainer stopped: {reason}")
+
+    @ray.method(concurrency_group="feed")
+    def take_bucket(self, uid: str, rank: int, index: int, done: int):
+        """Bucket `index` for `rank` (see `BucketFeed.take`), or None after the last; `rank`
+        has written every bucket up to `done`."""
+        return self._feed(uid).take(rank, index, done, self.config.phase_timeout_s)
+
+    @ray.method(concurrency_group="feed")
+    def relay_bucket(self, uid: str, node: str, index: int, refs: list) -> None:
+        self._feed(uid).relay(node, index, refs[0])
+
+    def update_stream(
+        self,
+        uid: str,
+        spec: TransportSpec | None,
+        version: str,
+        force: bool = False,
+        trainer_node: str | None = None,
+        trainer: ProcessRef | None = None,
+    ) -> UpdateReport:
+        """Load the update the trainer feeds under `uid`.
+
+        `spec` is the streaming transport's description of the update (its announced
+        tensors: ranks check them before the first write and write buckets as they arrive).
+        None: the update is gathered first (every bucket put in the object store), then
+        checked whole before anything is written. While the feed is open, `trainer` is
+        watched: its death closes the feed within a second.
+        """
+        feed = self._feed(uid)
+        if trainer is not None:
+            threading.Thread(target=self._watch_trainer, args=(feed, trainer), daemon=True).start()
+        try:
+            if spec is None:
+                metas, refs = feed.wait_all(self.config.phase_timeout_s)
+                spec = ObjectStoreSpec(version, metas, refs)
+            elif self.config.relay:
+                with feed.cond:
+                    feed.node_of = dict(self._nodes)
+                    feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)
+            return self._transaction(spec.with_version(version), feed, force)
+        except Exception as e:
+            feed.close(f"the update failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            feed.close("the update ended")
+
+    @staticmethod
+    def _watch_trainer(feed: BucketFeed, trainer: ProcessRef) -> None:
+        """Close `feed` as soon as the trainer feeding it is dead: ranks waiting for its next
+        bucket stop at once instead of at the phase timeout."""
+        while not feed.wait_closed(TRAINER_POLL_S):
+            try:
+                alive = is_alive(trainer)
+            except Exception:  # noqa: BLE001 - the GCS did not answer: ask again
+                continue
+            if not alive:
+                feed.close(f"the trainer ({trainer}) died")
+                return
+
+    def update(
+        self,
+        spec: TransportSpec,
+        force: bool = False,
+        expected: dict[int, str] | None = None,
+    ) -> UpdateReport:
+        """Load an update whose bytes are all in place already (a snapshot folder, the
+        trainer's registered storage); `expected`: each rank's fingerprint, as the trainer
+        computed it."""
+        return self._transaction(spec, None, force, expected)
+
+    def _transaction(
+        self,
+        spec: TransportSpec,
+        feed: BucketFeed | None = None,
+        force: bool = False,
+        expected: dict[int, str] | None = None,
+    ) -> UpdateReport:
+        """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
+        if not self.ranks:
+            raise StateError("the fleet has no ranks: call start() first")
+        phase_s: dict[str, float] = {}
+        start = time.perf_counter()
+        everyone = set(range(self.world))
+        close_feed = feed.close if spec.streaming else None
+
+        def timed(name, call, on_failure=None):
+            t = time.perf_counter()
+            out = self._phase(name, call, on_failure=on_failure)
+            phase_s[name] = time.perf_counter() - t
+            return out
+
+        # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml);
+        # a replica that lost a rank while idle is rebuilt first.
+        if spec.version is not None:
+            validate_version(spec.version)
+            self._check_newer(spec.version, force)
+        self._rebuild_lost()
+        # 2. prepare: every rank checks everything it can know before writing; nothing
+        # pauses, enters a collective or writes until every rank said yes. A refusal costs
+        # the checks and changes nothing.
+        after = spec.check_while_copying or (
+            self._committed is not None and self._committed.restorable and not self._cleared
+        )
+        try:
+            prepared = timed("prepare", lambda a: a.prepare.remote(spec, after), close_feed)
+            loaded = self._agreed_version(spec, prepared, force)
+        except Exception as e:
+            self._abort(e, touched=set())
+            raise
+        spec = spec.with_version(loaded)
+        touched: set[int] = set()  # ranks whose weights may no longer be the committed ones
+        try:
+            # 3. pause: stop serving, drop requests and caches.
+            timed("pause", lambda a: a.pause.remote())
+            # 4. clear (in-place mode only): free weights and KV cache to make room.
+            if self.config.clear_before_load:
+                touched = everyone
+                timed("clear", lambda a: a.clear.remote())
+            # 5. restart: comm groups and EP buffer come back if they were torn down.
+            timed("restart", lambda a: a.restart.remote())
+            # 6. load: ranks write what they checked. A rank that fails before its first
+            # write raises its error as it is; one that wrote raises PartialUpdateError.
+            try:
+                reports: dict[int, LoadReport] = timed(
+                    "load", lambda a: a.load.remote(), close_feed
+                )
+            except RankFailed as e:
+                touched = touched | {
+                    r
+                    for r in everyone
+                    if r not in e.failures or isinstance(e.errors.get(r), PartialUpdateError)
+                }
+                raise
+            touched = everyone
+            if feed is not None:
+                feed.wait_end(self.config.phase_timeout_s)
+                expected = feed.expected
+            sent = spec.nbytes
+            if spec.streaming:  # what the ranks received, to restore it later
+                spec = spec.received(feed)
+            # 7. verify: every parameter loaded, fingerprints as the trainer computed them.
+            fp = self.config.fingerprint or bool(expected)
+            checks = timed("verify", lambda a: a.verify.remote(fp))
+            fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
+            wrong = {
+                r: f"fingerprint {fingerprints[r]}, trainer expected {want}"
+                for r, want in (expected or {}).items()
+                if fingerprints.get(r) != want
+            }
+            if wrong:
+                raise RankFailed("verify", wrong)
+            # 8. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.
+            keep = self.config.keep_committed
+            timed("commit", lambda a: a.commit.remote(keep, fingerprints))
+        except Exception as e:
+            self._abort(e, touched)
+            raise
+        self.version = loaded
+        self._committed = spec if self.config.keep_committed else spec.without_data()
+        self._fingerprints = fingerprints
+        self._ok = [True] * self.config.dp
+        self._down.clear()
+        self._cleared = False
+        report = UpdateReport(
+            version=loaded,
+            nbytes=sent or sum(r.nbytes for r in reports.values()),
+            phase_s=phase_s,
+            total_s=time.perf_counter() - start,
+            ranks=tuple(reports[r] for r in sorted(reports)),
+            fingerprints=fingerprints,
+        )
+        self.log.info(
+            "committed version %s in %.3fs (%s)",
+            loaded,
+            report.total_s,
+            ", ".join(f"{k} {v:.3f}s" for k, v in phase_s.items()),
+        )
+        return report
+
+    def _agreed_version(
+        self, spec: TransportSpec, prepared: dict[int, PrepareReport], force: bool
+    ) -> str:
+        """The version the update loads: the one given, or the one every rank's source
+        records. A source recording another version than the one given is stale."""
+        recorded = {r: p.recorded_version for r, p in prepared.items()}
+        where = spec.where
+        if spec.version is None:
+            found = set(recorded.values())
+            if len(found) != 1 or None in found:
+                raise VersionError(
+                    f"the ranks' sources{where} record different versions: {recorded}"
+                )
+            loaded = found.pop()
+            self._check_newer(loaded, force)
+            return loaded
+        stale = {r: v for r, v in recorded.items() if v is not None and v != spec.version}
+        if stale and not force:
+            raise VersionError(
+                f"the update is version {spec.version!r} but its source{where} records "
+                f"{sorted(set(stale.values()))} (version.yaml): a stale or reused folder; "
+                "pass force=True to load it as the given version anyway"
+            )
+        return spec.version
+
+    def _check_newer(self, version: str, force: bool) -> None:
+        if not force and not is_newer(version, self.version):
+            raise VersionError(
+                f"version {version!r} is not newer than the fleet's {self.version!r} "
+                "(pass force=True to load it anyway)"
+            )
+
+    def _abort(self, error: Exception, touched: set[int]) -> None:
+        """Put every replica back on the committed version: a replica that lost a rank is
+        rebuilt, one whose ranks wrote nothing just resumes, the others are restored (and
+        checked against the committed fingerprints); a replica that cannot be stays down,
+        its reason in `status`."""
+        self.log.warning("update aborted: %s", error)
+        lost = error.lost if isinstance(error, RankFailed) else frozenset()
+        for replica in range(self.config.dp):
+            ranks = self._replica_ranks(replica)
+            try:
+                if lost.intersection(ranks):
+                    self._rebuild_replica(replica)
+                elif not touched.intersection(ranks):
+                    self._phase("resume", lambda a: a.resume.remote(), ranks)
+                else:
+                    self._load_committed(replica)
+            except Exception as e:  # noqa: BLE001 - the caller gets the original error
+                self._replica_down(replica, e)
+                if isinstance(e, RestoreError):
+                    continue  # the committed source changed: rebuilding cannot help
+                try:
+                    self._rebuild_replica(replica)
+                except Exception as e2:  # noqa: BLE001
+                    self._replica_down(replica, e2)
