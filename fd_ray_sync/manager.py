@@ -243,9 +243,12 @@ class DynamicWeightManager:
         manifest = source.manifest()
         wanted = self._check_manifest(manifest, source.name)
         expected = {n: manifest[n].checksum for n in wanted}
-        # Where the source has no checksum for a tensor, the hash taken while copying is
-        # still the one the fingerprint reuses (the trainer's fingerprint checks it).
-        check_after_write &= self.load.verify_checksum
+        # Checksums that only fit the whole tensor (a rank holding a slice) are checked
+        # before writing; a source whose checksums come after the load (the trainer's
+        # fingerprint) is hashed as it lands all the same, for that fingerprint.
+        check_after_write &= self.load.verify_checksum and (
+            streaming or source.deferred_checksums or None not in expected.values()
+        )
         # A streaming source's data is not there yet: its chunks are checked one by one.
         if self.load.verify_checksum and not check_after_write and not streaming:
             source.verify()

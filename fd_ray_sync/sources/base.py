@@ -104,6 +104,9 @@ class WeightSource(ABC):
 
     name: str = ""
     streaming: bool = False
+    # The data's checksums are not in the manifest: the trainer computes them while ranks
+    # load, and the verify phase compares fingerprints (nothing to check before writing).
+    deferred_checksums: bool = False
 
     @abstractmethod
     def manifest(self) -> dict[str, TensorMeta]:

@@ -98,6 +98,8 @@ class IpcRingSource(BucketStreamSource):
 class IpcStorageSource(WeightSource):
     """The trainer's registered tensors, every byte already there."""
 
+    deferred_checksums = True
+
     def __init__(self, spec: IpcStorageSpec, plan: Mapping[str, ShardSpec]):
         if len(spec.tensors) != len(spec.segments):
             raise WeightMismatchError(
