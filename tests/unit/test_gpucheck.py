@@ -1,8 +1,9 @@
-"""The one-GPU check (fd_ray_sync/gpucheck.py) run as its users run it: a subprocess starting a
-trainer and two ranks. Here on CPU over shared memory; on a GPU machine, the small GPU run."""
+"""The one-GPU check (``python -m fd_ray_sync.gpucheck``) run as its users run it: a subprocess
+starting a trainer and two ranks. Here on CPU over shared memory; on a GPU machine, the small GPU
+run."""
 
-import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fd_ray_sync.gpucheck import plan as gc
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "fd_ray_sync" / "gpucheck.py"
 CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
-# `-m` imports fd_ray_sync/__init__ (Ray, pydantic) first; a bare GPU machine has neither and
-# runs the file by its path, which needs torch only.
-PACKAGE_IMPORTS = all(importlib.util.find_spec(m) for m in ("ray", "pydantic"))
-
-
-def load_gpucheck():
-    """The module from its file, without the package's __init__ (as a bare GPU machine has it)."""
-    spec = importlib.util.spec_from_file_location("gpucheck_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = load_gpucheck()
+MODULES = ("plan", "proc", "floor", "trainer", "rank", "tree", "report", "parent", "__main__")
 
 
 def test_the_synthetic_model_is_900_tensors_of_about_the_asked_size_split_evenly():
@@ -40,7 +28,7 @@ def test_the_synthetic_model_is_900_tensors_of_about_the_asked_size_split_evenly
         row = sum(s.nbytes for s in specs if s.split == "row")
         assert row == sum(s.nbytes for s in specs if s.split == "col")  # half by rows, half by cols
         for s in specs:  # every TP slice is whole
-            assert 2 * gc.math.prod(s.rank_shape()) * (1 if s.split == "rep" else 2) == s.nbytes
+            assert 2 * math.prod(s.rank_shape()) * (1 if s.split == "rep" else 2) == s.nbytes
 
 
 def test_rank_slices_are_views_rows_contiguous_columns_strided():
@@ -78,10 +66,9 @@ def test_the_checksum_ignores_layout_and_sees_swapped_rows_or_columns():
     assert not gc.equal_bits(x, y)
 
 
-def run_check(tmp_path, args, timeout, module=False):
+def run_check(tmp_path, args, timeout):
     out = tmp_path / "gpucheck.json"
-    entry = ["-m", "fd_ray_sync.gpucheck"] if module else [str(SCRIPT)]
-    cmd = [sys.executable, *entry, *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fd_ray_sync.gpucheck", *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     report = json.loads(out.read_text()) if out.exists() else None
     return proc, report
@@ -93,7 +80,7 @@ def explain(proc):
 
 def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(tmp_path):
     args = [*CPU_SMALL, "--timeout-s", "150"]
-    proc, report = run_check(tmp_path, args, 180, module=PACKAGE_IMPORTS)
+    proc, report = run_check(tmp_path, args, 180)
     assert proc.returncode == 0, explain(proc)
     methods = report["methods"]
     for name in ("floor", "floor_sliced", "ring", "registered", "host"):
@@ -106,21 +93,29 @@ def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(t
     assert "reallocation refusal seen: yes" in proc.stdout
 
 
-def test_the_module_needs_neither_ray_nor_paddle_nor_pydantic():  # in a fresh interpreter
-    """A bare GPU machine has torch and numpy only: the file must import and run without the
-    package (whose __init__ imports Ray and pydantic)."""
-    code = (
-        "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('gpucheck', 'fd_ray_sync/gpucheck.py')\n"
-        "sys.modules['gpucheck'] = module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "print(sorted(m for m in ('ray', 'paddle', 'pydantic') if m in sys.modules))\n"
+def test_the_package_needs_neither_ray_nor_paddle_nor_pydantic():  # in a fresh interpreter
+    """A bare GPU machine has torch and numpy only: every module of the package must import (and
+    the check start) with Ray, paddle and pydantic unimportable."""
+    block = (
+        "import importlib, importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'paddle', 'pydantic'):\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n"
     )
+    imports = "".join(f"importlib.import_module('fd_ray_sync.gpucheck.{m}')\n" for m in MODULES)
+    check = "print(sorted(m for m in ('ray', 'paddle', 'pydantic') if m in sys.modules))\n"
+    code = block + imports + check
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-    usage = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
-    assert usage.returncode == 0 and "--inject-fault" in usage.stdout
+    run = "import runpy; sys.argv = ['gpucheck', '--help']\n"
+    run += "runpy.run_module('fd_ray_sync.gpucheck', run_name='__main__')\n"
+    usage = subprocess.run(
+        [sys.executable, "-c", block + run], cwd=ROOT, capture_output=True, text=True
+    )
+    assert usage.returncode == 0 and "--inject-fault" in usage.stdout, usage.stderr
 
 
 def test_a_dead_rank_or_a_raising_trainer_fails_only_that_method(tmp_path):
