@@ -5,8 +5,8 @@ other Ray on the machine: its own ports, its own --temp-dir, and its own token
 (RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written). It runs under
 `ray start --block` in a session of its own, so stopping it is ending that process and
 what is left of its session, never `ray stop`, which would stop every Ray node of this user.
-Its fixture disconnects the test session from its Ray instance: keep this file the last of
-the integration tests (pytest runs them in name order).
+Its fixture disconnects the test session from its Ray instance, so conftest.py runs this
+file after every other test.
 """
 
 from __future__ import annotations
