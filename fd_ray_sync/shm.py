@@ -180,7 +180,8 @@ def release(names: set[str] | None = None) -> None:
 
 def sweep() -> list[str]:
     """Unlink every fd-ray-sync segment on this node whose owner is dead, and close this
-    process's mappings of them. Returns the names removed."""
+    process's mappings of them and of segments their owner unlinked. Returns the names
+    removed."""
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
@@ -194,8 +195,12 @@ def sweep() -> list[str]:
             except FileNotFoundError:
                 continue
             dead.append(name)
-    with _lock:
-        stale = {n for n in _attached if not pid_alive(owner_of(n))}
+    with _lock:  # mappings of segments whose owner died or unlinked them (a grown ring)
+        stale = {
+            n
+            for n in _attached
+            if not pid_alive(owner_of(n)) or not os.path.exists(os.path.join(SHM_DIR, n))
+        }
     release(stale)
     return dead
 

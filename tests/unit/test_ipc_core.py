@@ -122,3 +122,13 @@ def test_a_sigkilled_owner_leaves_segments_that_the_next_sweep_removes():
     assert name in shm.sweep()
     assert not os.path.exists(f"/dev/shm/{name}") and shm.segments_of(owner.pid) == []
     assert name not in shm._attached  # the stale mapping is gone
+
+
+def test_a_mapping_of_a_segment_its_owner_unlinked_is_dropped_by_the_next_sweep():
+    ring = ipc.BucketRing(2, 4096)  # e.g. a ring replaced by a bigger one
+    names = ring.names
+    for name in names:
+        shm.attach(name)
+    ring.close()
+    shm.sweep()
+    assert not set(names) & set(shm._attached)
