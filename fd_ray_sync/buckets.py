@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from fd_ray_sync.checksum import digest, digests
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
-from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
+from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of, take_shard
 from fd_ray_sync.tensors import contiguous, to_host
 
 
@@ -119,6 +119,19 @@ def local_checksum(meta: TensorMeta, spec: ShardSpec) -> int | None:
         sums = meta.slice_checksums
         return sums[0 if len(sums) == 1 else spec.index]
     return meta.checksum if spec.is_replicated else None
+
+
+def local_meta(meta: TensorMeta, spec: ShardSpec) -> TensorMeta:
+    """`meta` (a full tensor's) as the rank holding slice `spec` sees it: local shape and
+    bytes, and the checksum of its slice where the metadata has one."""
+    return meta.model_copy(
+        update={
+            "shape": local_shape_of(meta.name, spec, meta.shape),
+            "nbytes": meta.nbytes // max(1, spec.parts),
+            "checksum": local_checksum(meta, spec),
+            "slice_checksums": None,
+        }
+    )
 
 
 def bucket_views(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
+from fd_ray_sync.errors import ConfigError
 from fd_ray_sync.sharding import ShardSpec
 from fd_ray_sync.status import KVCacheStatus
 
@@ -39,6 +40,19 @@ class InferenceEngine(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy generation; every TP rank of a replica must be called with the same input."""
+
+    def _join_groups(self, parallel: ParallelConfig | None, groups: CommGroups | None) -> None:
+        """Set `parallel` and `groups` (either may be derived from the other) and bring the
+        groups up; groups built for another layout are refused."""
+        self.parallel = parallel or (groups.parallel if groups else ParallelConfig())
+        self.groups = groups or CommGroups(self.parallel)
+        if self.groups.parallel != self.parallel:
+            raise ConfigError(
+                f"rank {self.parallel.rank}: groups were built for {self.groups.parallel!r}, "
+                f"the engine for {self.parallel!r}"
+            )
+        if not self.groups.up:
+            self.groups.start()
 
     # --- hooks with no-op defaults -------------------------------------------------------
 

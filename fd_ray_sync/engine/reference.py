@@ -23,7 +23,7 @@ from fd_ray_sync.engine.model import (
     set_parameter,
     shard_plan,
 )
-from fd_ray_sync.errors import ConfigError, WeightMismatchError
+from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.sharding import ShardSpec, shard_state_dict, take_shard
 from fd_ray_sync.status import KVCacheStatus
@@ -68,15 +68,7 @@ class ReferenceEngine(InferenceEngine):
         seed: int | None = None,
     ):
         self.config = config
-        self.parallel = parallel or (groups.parallel if groups else ParallelConfig())
-        self.groups = groups or CommGroups(self.parallel)
-        if self.groups.parallel != self.parallel:
-            raise ConfigError(
-                f"rank {self.parallel.rank}: groups were built for {self.groups.parallel!r}, "
-                f"the engine for {self.parallel!r}"
-            )
-        if not self.groups.up:
-            self.groups.start()
+        self._join_groups(parallel, groups)
         self._log = get_logger(__name__, self.parallel.rank)
         self.model = DecoderLM(config, self.parallel, self.groups)
         self.model.eval()

@@ -50,15 +50,7 @@ class TorchEngine(InferenceEngine):
         groups: CommGroups | None = None,
         plan: Mapping[str, ShardSpec] | None = None,
     ):
-        self.parallel = parallel or (groups.parallel if groups else ParallelConfig())
-        self.groups = groups or CommGroups(self.parallel)
-        if self.groups.parallel != self.parallel:
-            raise ConfigError(
-                f"rank {self.parallel.rank}: groups were built for {self.groups.parallel!r}, "
-                f"the engine for {self.parallel!r}"
-            )
-        if not self.groups.up:
-            self.groups.start()
+        self._join_groups(parallel, groups)
         self._log = get_logger(__name__, self.parallel.rank)
         self.module = module if isinstance(module, torch.nn.Module) else module()
         if not isinstance(self.module, torch.nn.Module):

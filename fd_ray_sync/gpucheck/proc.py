@@ -159,6 +159,9 @@ class ProcBase:
                 if time.monotonic() > self.deadline:
                     raise TimeoutError(f"{self.name} timed out waiting for {what}") from None
                 continue
+            # A control message from a process of this check's own tree (sent by `send`):
+            # tables, CUDA IPC handles, events. Never a file, never a network peer; the
+            # weights themselves move through shared device or host memory.
             return pickle.loads(data)
 
     def mem_base(self) -> int:

@@ -218,9 +218,9 @@ class Trainer(FloorProc):
             self.ctl.set(Ctl.GO, u + 1)
             self.maybe_fault(method, u)
             if method in ("ring", "ring_hostsync"):
-                self._produce_ring(u, events)
+                self._produce("ring", u, events)
             elif method == "host":
-                self._produce_host(u)
+                self._produce("host", u)
             self.wait_until(self._ranks("DONE"), u + 1, f"ranks done with update {u}")
             seconds = (max(self.ctl.get(self.ctl.rank("T1", r)) for r in range(TP)) - t0) / 1e9
             peak = self.mem_peak_mib(base)
@@ -245,40 +245,32 @@ class Trainer(FloorProc):
             )
         return {"updates": records}
 
-    def _produce_ring(self, u: int, events: bool) -> None:
-        nb, slots = len(self.ring_plan), self.ring_slots
+    def _produce(self, kind: str, u: int, events: bool = False) -> None:
+        """Pack update `u`'s buckets into the `kind` ring ("ring": device buckets; "host":
+        pinned host buckets), each slot only once every rank released its last bucket, and
+        mark each ready: with an interprocess event (`events`), else after a stream sync
+        (the host ring always: its device-to-host copies must land before a rank reads)."""
+        plan = self.ring_plan if kind == "ring" else self.host_plan
+        slots = self.ring_slots if kind == "ring" else self.host_slots
+        what = "slot" if kind == "ring" else "host slot"
+        nb = len(plan)
         for j in range(nb):
             g = u * nb + j
             s = g % slots
             if g >= slots:
                 released = [Ctl.released(r, s) for r in range(TP)]
                 self.wait_until(
-                    released, g - slots + 1, f"ranks to release slot {s} (bucket {g - slots})"
+                    released, g - slots + 1, f"ranks to release {what} {s} (bucket {g - slots})"
                 )
                 if events:
                     for r in range(TP):
                         torch.cuda.current_stream().wait_event(self.rel_ev[r][s])
-            for dst, src in self._copies("ring", j, s):
-                dst.copy_(src, non_blocking=True)
+            for dst, src in self._copies(kind, j, s):
+                dst.copy_(src, non_blocking=True)  # host: a strided source goes contiguous first
             if events:
                 self.ready_ev[s].record()
             else:
                 self.sync()
-            self.ctl.set(Ctl.ready(s), g + 1)
-
-    def _produce_host(self, u: int) -> None:
-        nb, slots = len(self.host_plan), self.host_slots
-        for j in range(nb):
-            g = u * nb + j
-            s = g % slots
-            if g >= slots:
-                released = [Ctl.released(r, s) for r in range(TP)]
-                self.wait_until(
-                    released, g - slots + 1, f"ranks to release host slot {s} (bucket {g - slots})"
-                )
-            for dst, src in self._copies("host", j, s):
-                dst.copy_(src, non_blocking=True)  # a strided source is made contiguous first
-            self.sync()  # the device-to-host copies landed before a rank reads the bucket
             self.ctl.set(Ctl.ready(s), g + 1)
 
     def _copies(self, kind: str, j: int, s: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fd_ray_sync import shm
-from fd_ray_sync.buckets import local_checksum
+from fd_ray_sync.buckets import local_checksum, local_meta
 from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.feed import BucketTicket
 from fd_ray_sync.messages import TensorMeta
-from fd_ray_sync.sharding import REPLICATED, ShardSpec, local_shape_of, take_shard
+from fd_ray_sync.sharding import REPLICATED, ShardSpec, take_shard
 from fd_ray_sync.sources.base import (
     Chunk,
     RankContext,
@@ -127,15 +127,7 @@ class IpcStorageSource(WeightSource):
         for t in self.spec.tensors:
             if t.name in out:
                 raise WeightMismatchError(f"parameter {t.name!r} is registered twice")
-            spec = self.plan.get(t.name, REPLICATED)
-            out[t.name] = t.model_copy(
-                update={
-                    "shape": local_shape_of(t.name, spec, t.shape),
-                    "nbytes": t.nbytes // max(1, spec.parts),
-                    "checksum": local_checksum(t, spec),
-                    "slice_checksums": None,
-                }
-            )
+            out[t.name] = local_meta(t, self.plan.get(t.name, REPLICATED))
         return out
 
     def verify(self) -> None:

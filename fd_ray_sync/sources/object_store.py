@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum
+from fd_ray_sync.buckets import BucketMeta, bucket_views, local_checksum, local_meta
 from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.feed import BucketTicket
@@ -117,15 +117,7 @@ class ObjectStoreSource(WeightSource):
             for t in bucket.tensors:
                 if t.name in out:
                     raise WeightMismatchError(f"parameter {t.name!r} appears in two buckets")
-                spec = self.plan.get(t.name, REPLICATED)
-                out[t.name] = t.model_copy(
-                    update={
-                        "shape": local_shape_of(t.name, spec, t.shape),
-                        "nbytes": t.nbytes // max(1, spec.parts),
-                        "checksum": local_checksum(t, spec),  # of this rank's bytes
-                        "slice_checksums": None,
-                    }
-                )
+                out[t.name] = local_meta(t, self.plan.get(t.name, REPLICATED))
         return out
 
     def _fetch(self, i: int) -> list:

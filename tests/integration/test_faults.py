@@ -4,16 +4,15 @@ buckets. After each, the fleet serves its last committed version on every rank."
 import os
 import signal
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import ray
+from fleet_checks import assert_serves, kill_rank0_mid_write
 from ray import cloudpickle
 
 from fd_ray_sync.buckets import iter_buckets
-from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
@@ -28,7 +27,6 @@ from fd_ray_sync.errors import (
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.ray_stats import object_store_bytes_used
-from fd_ray_sync.sharding import take_shard
 
 pytestmark = pytest.mark.slow
 TINY = preset("tiny")
@@ -56,27 +54,6 @@ def hanging_factory(marker, hang_rank):
         return ReferenceEngine(TINY, parallel, groups)
 
     return build
-
-
-def expected_fingerprints(fleet, state):
-    return {
-        rank: fingerprint((n, "float32", take_shard(a, plan[n])) for n, a in state.items())
-        for rank, plan in fleet.shard_plans().items()
-    }
-
-
-def assert_serves(fleet, state, version):
-    """Every rank holds `state`'s slices at `version`, and generation says so."""
-    status = fleet.status()
-    assert status["version"] == str(version) and all(status["replicas_serving"])
-    want = expected_fingerprints(fleet, state)
-    for r in status["ranks"]:
-        assert (r["weights"], r["version"]) == ("NORMAL", str(version)), r
-    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
-    # A fingerprint is refreshed by verify; a rebuilt rank has one from its restore.
-    assert got == want
-    for replica in range(fleet.config.dp):
-        assert fleet.generate(["x"], 4, replica=replica)[0].version == str(version)
 
 
 @pytest.fixture(scope="module")
@@ -108,26 +85,9 @@ def test_a_rank_killed_between_updates_comes_back_with_the_committed_version(fle
 def test_a_rank_killed_mid_write_aborts_the_update_everywhere(fleet, tmp_path):
     state = init_full_state_dict(TINY, seed=2)
     fleet.update(state, version=2)
-    victim = fleet.status()["ranks"][0]
-    rank0 = ray.get(fleet.coordinator.rank_handles.remote())[0]
-    marker = tmp_path / "mid-write"
-    ray.get(rank0.hold_after_writes.remote(5, str(marker)))  # rank 0 stops after 5 writes
-    errors = []
-
-    def push():
-        try:
-            fleet.update(init_full_state_dict(TINY, seed=3), version=3)
-        except RankFailed as e:
-            errors.append(e)
-
-    pusher = threading.Thread(target=push)
-    pusher.start()
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline, "rank 0 never reached its fifth write"
-        time.sleep(0.05)
-    os.kill(victim["pid"], signal.SIGKILL)  # half of its weights are new now
-    pusher.join(timeout=60)
+    errors = kill_rank0_mid_write(
+        fleet, tmp_path, lambda: fleet.update(init_full_state_dict(TINY, seed=3), version=3)
+    )
     assert errors and errors[0].phase == "load" and 0 in errors[0].lost
     assert_serves(fleet, state, 2)
 

@@ -11,15 +11,14 @@ import time
 import numpy as np
 import pytest
 import ray
+from fleet_checks import assert_serves, expected_fingerprints
 from procs import start_driver
 
-from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.errors import RankFailed, SnapshotError, VersionError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
-from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.sources.snapshot import write_snapshot
 
 pytestmark = pytest.mark.slow
@@ -34,24 +33,8 @@ def fleet(ray_cluster):
     fleet.shutdown()
 
 
-def expected_fingerprints(fleet, state):
-    return {
-        rank: fingerprint((n, "float32", take_shard(a, plan[n])) for n, a in state.items())
-        for rank, plan in fleet.shard_plans().items()
-    }
-
-
 def pids(fleet):
     return {r["rank"]: r["pid"] for r in fleet.status()["ranks"]}
-
-
-def assert_serves(fleet, state, version):
-    status = fleet.status()
-    assert status["version"] == str(version) and all(status["replicas_serving"]), status
-    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
-    assert got == expected_fingerprints(fleet, state)
-    for replica in range(fleet.config.dp):
-        assert fleet.generate(["x"], 4, replica=replica)[0].version == str(version)
 
 
 # --- 1. a refusal on one rank is immediate, names it, and changes nothing ---------------

@@ -4,23 +4,19 @@ ranks copy their slices out of it, all-or-nothing like every other transport."""
 
 import os
 import signal
-import threading
 import time
 
-import numpy as np
 import pytest
-import ray
 import torch
+from fleet_checks import assert_serves, kill_rank0_mid_write
 from procs import start_driver
 
 from fd_ray_sync import ipc, shm
-from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
-from fd_ray_sync.errors import RankFailed, StateError
+from fd_ray_sync.errors import StateError
 from fd_ray_sync.fleet import Fleet
-from fd_ray_sync.sharding import take_shard
 
 pytestmark = pytest.mark.slow
 TINY = preset("tiny")
@@ -47,24 +43,6 @@ def over_object_store(fleet):
     committed version is then kept for restores)."""
     load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
     return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
-
-
-def expected_fingerprints(fleet, state):
-    return {
-        rank: fingerprint(
-            (n, "float32", take_shard(np.asarray(a), plan[n])) for n, a in state.items()
-        )
-        for rank, plan in fleet.shard_plans().items()
-    }
-
-
-def assert_serves(fleet, state, version):
-    status = fleet.status()
-    assert status["version"] == str(version) and all(status["replicas_serving"]), status
-    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
-    assert got == expected_fingerprints(fleet, state)
-    for replica in range(fleet.config.dp):
-        assert fleet.generate(["x"], 4, replica=replica)[0].version == str(version)
 
 
 def my_segments():
@@ -146,26 +124,9 @@ def test_a_torch_trainer_registers_its_module_and_trains_in_place(fleet):
 def test_a_rank_killed_mid_write_rolls_back_to_the_version_kept_in_the_store(fleet, tmp_path):
     state = init_full_state_dict(TINY, seed=9)
     over_object_store(fleet).update(state, version=9)  # kept: a restore can reload it
-    victim = fleet.status()["ranks"][0]
-    rank0 = ray.get(fleet.coordinator.rank_handles.remote())[0]
-    marker = tmp_path / "mid-write"
-    ray.get(rank0.hold_after_writes.remote(5, str(marker)))
-    errors = []
-
-    def push():
-        try:
-            fleet.update(init_full_state_dict(TINY, seed=10), version=10)
-        except RankFailed as e:
-            errors.append(e)
-
-    pusher = threading.Thread(target=push)
-    pusher.start()
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline, "rank 0 never reached its fifth write"
-        time.sleep(0.05)
-    os.kill(victim["pid"], signal.SIGKILL)
-    pusher.join(timeout=120)
+    errors = kill_rank0_mid_write(
+        fleet, tmp_path, lambda: fleet.update(init_full_state_dict(TINY, seed=10), version=10)
+    )
     assert errors and errors[0].phase == "load" and 0 in errors[0].lost
     assert_serves(fleet, state, 9)
 

@@ -1,0 +1,64 @@
+"""Checks shared by the fleet tests: what every rank must hold, and a rank killed mid-write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import ray
+
+from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.errors import RankFailed
+from fd_ray_sync.sharding import take_shard
+
+
+def expected_fingerprints(fleet, state):
+    return {
+        rank: fingerprint(
+            (n, "float32", take_shard(np.asarray(a), plan[n])) for n, a in state.items()
+        )
+        for rank, plan in fleet.shard_plans().items()
+    }
+
+
+def assert_serves(fleet, state, version):
+    """Every rank holds `state`'s slices at `version`, and generation says so."""
+    status = fleet.status()
+    assert status["version"] == str(version) and all(status["replicas_serving"]), status
+    for r in status["ranks"]:
+        assert (r["weights"], r["version"]) == ("NORMAL", str(version)), r
+    got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
+    # A fingerprint is refreshed by verify; a rebuilt rank has one from its restore.
+    assert got == expected_fingerprints(fleet, state)
+    for replica in range(fleet.config.dp):
+        assert fleet.generate(["x"], 4, replica=replica)[0].version == str(version)
+
+
+def kill_rank0_mid_write(fleet, tmp_path, push: Callable[[], object]) -> list[RankFailed]:
+    """Run `push` (an update) in a thread, SIGKILL rank 0 after its fifth parameter write
+    (half of its weights new), and return the RankFailed errors the push raised."""
+    victim = fleet.status()["ranks"][0]
+    rank0 = ray.get(fleet.coordinator.rank_handles.remote())[0]
+    marker = tmp_path / "mid-write"
+    ray.get(rank0.hold_after_writes.remote(5, str(marker)))  # rank 0 stops after 5 writes
+    errors = []
+
+    def run():
+        try:
+            push()
+        except RankFailed as e:
+            errors.append(e)
+
+    pusher = threading.Thread(target=run)
+    pusher.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "rank 0 never reached its fifth write"
+        time.sleep(0.05)
+    os.kill(victim["pid"], signal.SIGKILL)
+    pusher.join(timeout=120)
+    return errors
