@@ -135,6 +135,13 @@ class TransactionMixin:
         self._feed(uid).close(f"the trainer stopped: {reason}")
 
     @ray.method(concurrency_group="feed")
+    def feed_closed(self, uid: str) -> str | None:
+        """Why the feed `uid` closed (the update failed or ended), or None while it runs."""
+        with self._feeds_lock:
+            feed = self._feeds.get(uid)
+        return "the update is over" if feed is None else feed.closed
+
+    @ray.method(concurrency_group="feed")
     def take_bucket(self, uid: str, rank: int, index: int, done: int):
         """Bucket `index` for `rank` (see `BucketFeed.take`), or None after the last; `rank`
         has written every bucket up to `done`."""
@@ -143,6 +150,12 @@ class TransactionMixin:
     @ray.method(concurrency_group="feed")
     def relay_bucket(self, uid: str, node: str, index: int, refs: list) -> None:
         self._feed(uid).relay(node, index, refs[0])
+
+    def sync_members(self) -> dict[int, tuple[str, int]]:
+        """Rank -> (node, pid) of the processes the next update loads into (replicas that
+        lost a rank are rebuilt first): the collective transport forms its group of them."""
+        self._rebuild_lost()
+        return {r: (self._nodes[r], self._pids[r]) for r in range(self.world)}
 
     def update_stream(
         self,
@@ -168,7 +181,7 @@ class TransactionMixin:
             if spec is None:
                 metas, refs = feed.wait_all(self.config.phase_timeout_s)
                 spec = ObjectStoreSpec(version, metas, refs)
-            elif self.config.relay:
+            elif self.config.relay and spec.relayed:
                 with feed.cond:
                     feed.node_of = dict(self._nodes)
                     feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)

@@ -24,6 +24,7 @@ import ray
 
 from fd_ray_sync.buckets import BucketMeta, iter_buckets, local_checksum
 from fd_ray_sync.checksum import combine_digests, tensor_digest
+from fd_ray_sync.collective import TrainerEnd, chain_order
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
 from fd_ray_sync.errors import ConfigError, StateError, WeightSyncError
@@ -33,6 +34,7 @@ from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of
 from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources.collective import SLOTS, CollectiveSpec, extent
 from fd_ray_sync.sources.ipc import IpcRingSpec, IpcStorageSpec
 from fd_ray_sync.sources.object_store import StreamSpec
 from fd_ray_sync.sources.snapshot import SnapshotSpec
@@ -58,7 +60,8 @@ class Fleet:
         self.config = config
         self._plans: dict[int, dict[str, ShardSpec]] | None = None
         self._held: list[list] = []  # bucket refs of the committed (and an unsure) version
-        self._ring: BucketRing | None = None  # the ipc transport's, once used
+        self._ring: BucketRing | None = None  # the ipc or collective transport's, once used
+        self._end: TrainerEnd | None = None  # the collective transport's group, once used
 
     @classmethod
     def launch(
@@ -140,9 +143,13 @@ class Fleet:
         tp_plans = self._tp_plans(load.verify_checksum or verify_fingerprints)
         if load.load_strategy == "ipc":
             return self._update_ring(dict(weights), version, force, tp_plans, verify_fingerprints)
+        if load.load_strategy == "collective":
+            return self._update_collective(
+                dict(weights), version, force, tp_plans, verify_fingerprints
+            )
         if load.load_strategy != "object_store":
             raise ConfigError(
-                f"Fleet.update pushes weights over 'object_store' or 'ipc', not "
+                f"Fleet.update pushes weights over 'object_store', 'ipc' or 'collective', not "
                 f"{load.load_strategy!r} (snapshots: update_from_snapshot)"
             )
         announced = None
@@ -327,21 +334,96 @@ class Fleet:
         self._held = []
         return self._feed_update(uid, spec, version, force, verify, feed)
 
-    def _ring_for(self, weights: Mapping[str, Any]) -> BucketRing:
+    def _ring_for(self, weights: Mapping[str, Any], shared: bool = True) -> BucketRing:
         """This trainer's ring, allocated on first use and kept; grown (new segments, which
-        ranks attach once more) when a tensor does not fit a slot."""
+        ranks attach once more) when a tensor does not fit a slot. `shared`: in segments
+        the ranks attach (ipc); else private memory the collective transport sends from."""
         largest = max(
             (aligned(math.prod(s) * storage_dtype(d).itemsize) for s, d in _shapes(weights)),
             default=0,
         )
         want = max(self.config.load.bucket_bytes, largest)
-        slots = self.config.buckets_in_flight
+        slots = self.config.buckets_in_flight if shared else SLOTS
         ring = self._ring
-        if ring is None or ring.slot_bytes < want or len(ring) != slots:
+        if (
+            ring is None
+            or ring.slot_bytes < want
+            or len(ring) != slots
+            or bool(ring.segments) != shared
+        ):
             if ring is not None:
                 ring.close()
-            self._ring = ring = BucketRing(slots, want)
+            self._ring = ring = BucketRing(slots, want, shared)
         return ring
+
+    # --- the collective transport --------------------------------------------------------
+
+    def _update_collective(
+        self,
+        weights: dict[str, Any],
+        version: str | int,
+        force: bool,
+        tp_plans: list[ShardPlan] | None,
+        verify: bool,
+    ) -> UpdateReport:
+        """Broadcast buckets along the weight-sync group's chain (`fd_ray_sync.collective`):
+        two private slots, bucket i+1 packed (and hashed) while bucket i is sent."""
+        import torch
+
+        version = validate_version(version)
+        ring = self._ring_for(weights, shared=False)
+        parts = ring.plan(weights)
+        end = self._trainer_end()
+        # Lost ranks are rebuilt first: the group is formed with the processes that load.
+        members = _get(self.coordinator.sync_members.remote())
+        nodes = {int(r): node for r, (node, _) in members.items()}
+        pids = {int(r): pid for r, (_, pid) in members.items()}
+        info = end.prepare(chain_order(nodes, ray.get_runtime_context().get_node_id()), pids)
+        uid = uuid.uuid4().hex
+        spec = CollectiveSpec(
+            version,
+            announced=tuple(_announce(weights)),
+            feed=self.coordinator,
+            uid=uid,
+            keep=False,
+            group=info,
+            slot_bytes=ring.slot_bytes,
+        )
+        closed = functools.partial(_get_now, self.coordinator.feed_closed, uid)
+
+        def feed(expect: _Expected) -> int:
+            group = end.joined(closed)
+            slots = [torch.from_numpy(slot) for slot in ring.slots]
+            sending: list[list] = [[] for _ in slots]
+            fed = []
+            for i, names in enumerate(parts):
+                k = i % len(slots)
+                group.wait_sent(sending[k], closed)  # the slot's last bucket is on its way
+                meta = ring.pack(i, [(n, weights[n]) for n in names], tp_plans)
+                expect.add(meta)
+                fed.append(self.coordinator.feed_bucket.remote(uid, meta, [k]))
+                sending[k] = group.send(slots[k], extent(meta), i)
+            for works in sending:
+                group.wait_sent(works, closed)
+            for call in fed:
+                _get(call)
+            return len(parts)
+
+        self._held = []
+        try:
+            return self._feed_update(uid, spec, version, force, verify, feed)
+        except BaseException:
+            end.failed()
+            raise
+
+    def _trainer_end(self) -> TrainerEnd:
+        if self._end is None:
+            self._end = TrainerEnd(
+                ray.util.get_node_ip_address(),
+                "nccl" if self.config.use_gpu else "gloo",
+                self.config.phase_timeout_s,
+            )
+        return self._end
 
     def update_from_snapshot(
         self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
@@ -380,6 +462,9 @@ class Fleet:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        if self._end is not None:
+            self._end.close()
+            self._end = None
 
 
 class _StoreRoom:
@@ -446,6 +531,11 @@ def _get(ref):
         if isinstance(e.cause, WeightSyncError):
             raise e.cause from None
         raise
+
+
+def _get_now(method, *args, timeout: float = 10.0):
+    """One quick call's answer (a poll while waiting on something else)."""
+    return ray.get(method.remote(*args), timeout=timeout)
 
 
 def _ensure_ray(address: str | None, namespace: str) -> None:

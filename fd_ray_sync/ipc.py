@@ -78,18 +78,25 @@ def _cover(specs: Sequence[ShardSpec]) -> bool:
 class BucketRing:
     """`slots` shared segments of `slot_bytes`, allocated once, reused by every update."""
 
-    def __init__(self, slots: int, slot_bytes: int):
+    def __init__(self, slots: int, slot_bytes: int, shared: bool = True):
         if slots < 2:
             raise StateError(f"a bucket ring needs at least 2 slots, not {slots}")
         self.slot_bytes = slot_bytes
-        self.segments = [shm.create(f"ring{k}", slot_bytes) for k in range(slots)]
+        # Shared: segments the ranks attach (ipc). Private: this process's own memory, which
+        # the collective transport sends from.
+        self.segments = [shm.create(f"ring{k}", slot_bytes) for k in range(slots)] if shared else []
+        self.slots = (
+            [s.array(0, slot_bytes) for s in self.segments]
+            if shared
+            else [np.empty(slot_bytes, np.uint8) for _ in range(slots)]
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.segments)
 
     def __len__(self) -> int:
-        return len(self.segments)
+        return len(self.slots)
 
     def plan(self, weights: Mapping[str, Any]) -> list[list[str]]:
         """The names of each bucket, in order (a tensor bigger than a slot is refused)."""
@@ -112,12 +119,12 @@ class BucketRing:
     ) -> BucketMeta:
         """Copy `named` tensors into slot `index % len(self)` (the caller made sure no rank
         still reads it) and describe them; with `plans`, each TP rank's slice checksums."""
-        slot = self.segments[index % len(self.segments)]
+        slot = self.slots[index % len(self.slots)]
         metas, offset = [], 0
         for name, tensor in named:
             array, dtype = to_host(tensor)
             offset = aligned(offset)
-            dst = slot.array(offset, array.nbytes).view(array.dtype).reshape(array.shape)
+            dst = slot[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
             sums = _checksums(dst, array, name, plans)
             metas.append(
                 TensorMeta(
@@ -133,6 +140,7 @@ class BucketRing:
         return BucketMeta(index=index, tensors=tuple(metas))
 
     def close(self) -> None:
+        self.slots = []
         for segment in self.segments:
             segment.unlink()
         self.segments = []

@@ -41,6 +41,9 @@ class TransportSpec:
     # Ranks check each block as the copy lands instead of reading the source twice, even
     # when the fleet could not roll back a mismatch (see `DynamicWeightManager.prepare_load`).
     check_while_copying: ClassVar[bool] = False
+    # Ranks on nodes other than the trainer's re-put object-store buckets for the next node
+    # (`fd_ray_sync.feed.relay_plan`); transports that move bytes their own way do not.
+    relayed: ClassVar[bool] = False
 
     version: str | None
 

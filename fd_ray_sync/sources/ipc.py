@@ -47,6 +47,7 @@ class IpcRingSpec(StreamSpec):
 
     transport = "ipc"
     check_while_copying = True
+    relayed = False
     slots: tuple[str, ...] = ()
 
     def received(self, feed) -> TransportSpec:

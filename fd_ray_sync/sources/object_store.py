@@ -65,6 +65,7 @@ class StreamSpec(TransportSpec):
 
     transport = "object_store"
     streaming = True
+    relayed = True
     announced: tuple[TensorMeta, ...] = field(default=(), repr=False)
     feed: Any = field(default=None, repr=False)  # the CoordinatorActor
     uid: str = ""

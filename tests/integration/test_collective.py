@@ -1,0 +1,90 @@
+"""The collective transport through the public Fleet API: buckets broadcast along a gloo
+weight-sync group of the trainer and every rank (a chain, pieces forwarded as they land),
+all-or-nothing like every other transport."""
+
+import pytest
+from fleet_checks import assert_serves, kill_rank0_mid_write
+
+from fd_ray_sync import collective
+from fd_ray_sync.config import FleetConfig, LoadConfig
+from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.errors import RankFailed, WeightMismatchError
+from fd_ray_sync.fleet import Fleet
+
+pytestmark = pytest.mark.slow
+TINY = preset("tiny")
+TIMEOUT_S = 60.0
+BUCKET = 64 << 10  # small buckets: the tiny model spans several, both slots turn over
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster):
+    config = FleetConfig(
+        name="collective-fleet",
+        tp=2,
+        dp=2,
+        phase_timeout_s=TIMEOUT_S,
+        load=LoadConfig(load_strategy="collective", bucket_bytes=BUCKET),
+    )
+    fleet = Fleet.launch(config)
+    yield fleet
+    fleet.shutdown()
+
+
+def test_updates_are_broadcast_bit_identical_over_one_kept_group(fleet):
+    state = init_full_state_dict(TINY, seed=1)
+    report = fleet.update(state, version=1)
+    assert report.nbytes == sum(a.nbytes for a in state.values())
+    assert {r.source for r in report.ranks} == {"collective"}
+    assert_serves(fleet, state, 1)
+    key = fleet._end.info.key
+    state = init_full_state_dict(TINY, seed=2)
+    fleet.update(state, version=2)
+    assert_serves(fleet, state, 2)
+    assert fleet._end.info.key == key  # formed once, reused
+
+
+def over_object_store(fleet):
+    """Another handle on the same fleet that pushes through the object store (the
+    committed version is then kept for restores)."""
+    load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
+    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
+
+
+def test_a_refused_update_changes_nothing_and_the_next_one_forms_a_new_group(fleet):
+    state = init_full_state_dict(TINY, seed=3)
+    fleet.update(state, version=3)
+    key = fleet._end.info.key
+    bad = dict(init_full_state_dict(TINY, seed=4))
+    name = "layers.0.attn.qkv.weight"
+    bad[name] = bad[name][:, :-2].copy()  # still splits over tp=2, but not the model's
+    with pytest.raises(RankFailed, match=name) as e:
+        fleet.update(bad, version=4)
+    assert e.value.phase == "prepare"
+    assert isinstance(next(iter(e.value.errors.values())), WeightMismatchError)
+    assert_serves(fleet, state, 3)
+    state = init_full_state_dict(TINY, seed=5)
+    fleet.update(state, version=5)
+    assert_serves(fleet, state, 5)
+    assert fleet._end.info.key != key
+
+
+def test_a_rank_killed_mid_write_aborts_and_the_fleet_rolls_back(fleet, tmp_path):
+    state = init_full_state_dict(TINY, seed=6)
+    over_object_store(fleet).update(state, version=6)  # kept: a restore can reload it
+    errors = kill_rank0_mid_write(
+        fleet, tmp_path, lambda: fleet.update(init_full_state_dict(TINY, seed=7), version=7)
+    )
+    assert errors and errors[0].phase == "load" and 0 in errors[0].lost
+    assert_serves(fleet, state, 6)
+    state = init_full_state_dict(TINY, seed=8)
+    fleet.update(state, version=8)  # a new group, with rank 0's new process
+    assert_serves(fleet, state, 8)
+
+
+def test_the_chain_runs_through_each_node_once():
+    nodes = {0: "b", 1: "b", 2: "a", 3: "c", 4: "a", 5: "c"}
+    assert collective.chain_order(nodes, "a") == (2, 4, 0, 1, 3, 5)
+    assert collective.chain_order(nodes, "elsewhere") == (0, 1, 2, 4, 3, 5)
+    assert collective.pieces(10, 4) == [(0, 4), (4, 4), (8, 2)]
