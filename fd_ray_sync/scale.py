@@ -72,7 +72,7 @@ TRANSPORTS = MappingProxyType({t.name: t for t in (
                    True, False, True, True, False, True),
     TransportModel("object_store", "buckets relayed node to node through Ray's object stores",
                    False, False, True, True, False, True),
-    TransportModel("collective", "pieces forwarded along a chain of nodes (NCCL/gloo group)",
+    TransportModel("collective", "pieces forwarded along a chain of nodes, NCCL/gloo group",
                    False, True, False, True, True, False),
     TransportModel("ipc", "co-located: ranks copy from the trainer's memory on their node",
                    False, True, False, False, False, False),
@@ -112,7 +112,8 @@ class PlanInputs(_Frozen):
     trainer_gpus: int | None = Field(
         None,
         ge=1,
-        description="Trainer GPUs staging the bytes (default: trainer_nodes * gpus_per_node).",
+        description="Trainer GPUs staging the bytes (default: trainer_nodes * gpus_per_node; "
+        "colocated: every GPU).",
     )
     colocated: bool = Field(
         False,
@@ -468,7 +469,9 @@ def _identifiable(a: np.ndarray) -> list[int]:
     return chosen
 
 
-def fit(runs: Sequence[MeasuredRun], base: Mapping[str, Constants] = ASSUMED) -> dict:
+def fit(
+    runs: Sequence[MeasuredRun], base: Mapping[str, Constants] = ASSUMED
+) -> dict[str, Constants]:
     """Constants per transport fitted to `runs` by non-negative least squares.
 
     Efficiency is kept <= 1 (fitted as 1/efficiency = 1 + d, d >= 0). Constants the runs
@@ -538,7 +541,7 @@ PUBLISHED = (
         "ways -> 450 GB/s into a GPU; 1e12 params x 1 B; bucket 8 GiB (theirs)",
     ),
     Published(
-        name="verl: Qwen3-30B-A3B BF16 -> 30 rollouts (4x8 H100, NCCL)", seconds=7.0,
+        name="verl: Qwen3-30B-A3B BF16 -> 30 rollouts, 4x8 H100", seconds=7.0,
         source="github.com/volcengine/verl verl/checkpoint_engine/README.md, Benchmark "
         "(~7 s, 8.25 GB/s)",
         inputs=PlanInputs(params=30.5e9, bytes_per_param=2, gpus=30, tp=1, link_gbit=400,
@@ -615,6 +618,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"bench --nodes JSON files or globs to fit and compare (default: {DEFAULT_MEASURED})",
     )
+    p.add_argument(
+        "--assumed", action="store_true",
+        help="estimate with the assumed constants even where measured runs were fitted (the "
+        "measured table still uses the fitted ones)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="also write everything to this file")
 
 
@@ -642,17 +650,13 @@ def run_from_args(args) -> int:
     for f in files:
         got, said = load_measured(f)
         runs, notes = runs + got, notes + said
-    constants = {**ASSUMED, **fit(runs)}
-    if args.fixed_s is not None:
-        constants = {
-            k: c.model_copy(update={"update_fixed_s": args.fixed_s, "source": c.source
-                                    + f"; update_fixed_s {args.fixed_s:g} s from --fixed-s"})
-            for k, c in constants.items()
-        }  # fmt: skip
-    est = estimate(x, constants[x.transport])
+    fitted = fit(runs)
+    constants = _override_fixed({**ASSUMED, **fitted}, args.fixed_s)
+    chosen = _override_fixed(ASSUMED, args.fixed_s) if args.assumed else constants
+    est = estimate(x, chosen[x.transport])
     _print_estimate(x, est)
-    table_of_variants = _variants_table(x, constants)
-    table_of_published = _published_table(constants)
+    table_of_variants = _variants_table(x, chosen)
+    table_of_published = _published_table(chosen)
     table_of_measured = _measured_table(runs, constants, len(files))
     if not runs and not explicit:
         print(f"\nno measured runs ({DEFAULT_MEASURED} matched nothing): constants are assumed")
@@ -662,7 +666,8 @@ def run_from_args(args) -> int:
         doc = {
             "inputs": x.model_dump(),
             "estimate": est.model_dump(),
-            "constants": {k: c.model_dump() for k, c in constants.items()},
+            "constants": {k: c.model_dump() for k, c in chosen.items()},
+            "fitted": {k: c.model_dump() for k, c in fitted.items()},
             "variants": table_of_variants,
             "published": table_of_published,
             "measured": table_of_measured,
@@ -670,6 +675,18 @@ def run_from_args(args) -> int:
         }
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0
+
+
+def _override_fixed(constants: Mapping[str, Constants], fixed_s: float | None) -> dict:
+    if fixed_s is None:
+        return dict(constants)
+    if fixed_s < 0:
+        raise ConfigError(f"--fixed-s {fixed_s:g}: a per-update cost cannot be negative")
+    note = f"; update_fixed_s {fixed_s:g} s from --fixed-s"
+    return {
+        k: c.model_copy(update={"update_fixed_s": fixed_s, "source": c.source + note})
+        for k, c in constants.items()
+    }
 
 
 def _variants_table(x: PlanInputs, constants: Mapping[str, Constants]) -> list[dict]:

@@ -245,8 +245,12 @@ def test_plan_fits_measured_files_and_compares_each_run(tmp_path, capsys):
     files = _bench_files(tmp_path)
     assert cli.main(["plan", "--measured", *files[:3]]) == 0
     out = capsys.readouterr().out
-    assert "fitted to 9 run(s)" in out
+    assert "constants, fitted to 9 run(s)" in out
     assert "measured vs. predicted (27 run(s) from 3 file(s))" in out
+    assert cli.main(["plan", "--assumed", "--measured", *files[:3]]) == 0
+    out = capsys.readouterr().out
+    assert "constants, assumed (not yet fitted)" in out  # the estimate's
+    assert "measured vs. predicted (27 run(s)" in out  # still against the fitted constants
 
 
 def test_plan_says_which_file_lacks_which_field(tmp_path, capsys):
