@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     shutdown = sub.add_parser("shutdown", help="stop a fleet")
     _fleet_args(shutdown)
+
+    from fd_ray_sync import scale
+
+    plan = sub.add_parser("plan", help="one update's time at scale, on paper (a cost model)")
+    scale.add_arguments(plan)
     return parser
 
 
@@ -231,6 +236,7 @@ _COMMANDS = {
     "chaos": cmd_chaos,
     "bench": lambda args: __import__("fd_ray_sync.bench").bench.run_from_args(args),
     "shutdown": cmd_shutdown,
+    "plan": lambda args: __import__("fd_ray_sync.scale").scale.run_from_args(args),
 }
 
 
