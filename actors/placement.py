@@ -22,6 +22,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.weight_manager import WeightManagerActor
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, RestoreError, StateError
+from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources.peer import PeerSpec
 from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.version import is_newer
 
@@ -194,23 +196,51 @@ class PlacementMixin:
         for rank in ranks:
             ray.kill(self.ranks[rank], no_restart=False)
         self._form_replica(replica)
-        if self._committed is not None and self._committed.restorable and not self._cleared:
+        if self._committed is not None and not self._cleared:
             self._load_committed(replica)
+
+    def _from_peer(self, replica: int) -> TransportSpec | None:
+        """The committed version as a serving replica's ranks export it (the first that
+        can), or None when no other replica serves it."""
+        for peer in range(self.config.dp):
+            if peer == replica or not self._ok[peer]:
+                continue
+            ranks = self._replica_ranks(peer)
+            try:
+                out = self._phase("export", lambda a: a.export.remote(self.version), ranks)
+            except RankFailed as e:
+                self.log.warning("replica %d cannot export its weights: %s", peer, e)
+                continue
+            return PeerSpec(
+                self.version,
+                replica=peer,
+                metas=tuple(out[r][0] for r in ranks),
+                refs=tuple(out[r][1] for r in ranks),
+            )
+        return None
 
     def _load_committed(self, replica: int) -> None:
         """Load the committed version into a replica, verified like an update: each rank's
-        fingerprint must be the one committed, or the replica stays down (RestoreError)."""
-        spec, ranks = self._committed, self._replica_ranks(replica)
+        fingerprint must be the one committed, or the replica stays down (RestoreError).
+
+        From a replica that serves it when there is one (the trainer is not needed), else
+        from the committed source (kept buckets, a snapshot folder)."""
+        ranks = self._replica_ranks(replica)
+        spec = None if self._cleared else self._from_peer(replica)
+        if spec is None:
+            spec = self._committed
         if self._cleared or spec is None or not spec.restorable:
             why = (
                 "the fleet was cleared"
                 if self._cleared
                 else (
-                    f"version {self.version} was committed without keeping a copy "
-                    "(keep_committed=False)"
+                    f"no replica serves version {self.version} and it was committed "
+                    "without keeping a copy (keep_committed=False, or the ipc/collective "
+                    "transport)"
                 )
             )
             raise RestoreError(f"replica {replica}: nothing to restore: {why}; update it")
+        self.log.info("restoring replica %d (source%s)", replica, spec.where)
         self._phase("restore", lambda a: a.restart.remote(), ranks)
         try:
             prepared = self._phase("restore", lambda a: a.prepare.remote(spec), ranks)

@@ -364,12 +364,22 @@ class TransactionMixin:
         its reason in `status`."""
         self.log.warning("update aborted: %s", error)
         lost = error.lost if isinstance(error, RankFailed) else frozenset()
+        untouched = [
+            r
+            for r in range(self.config.dp)
+            if not touched.intersection(self._replica_ranks(r))
+            and not lost.intersection(self._replica_ranks(r))
+        ]
         for replica in range(self.config.dp):
+            if replica not in untouched:
+                self._ok[replica] = False  # no peer restores from a replica that was written
+        # Replicas that wrote nothing resume first: the others may restore from them.
+        for replica in [*untouched, *(r for r in range(self.config.dp) if r not in untouched)]:
             ranks = self._replica_ranks(replica)
             try:
                 if lost.intersection(ranks):
                     self._rebuild_replica(replica)
-                elif not touched.intersection(ranks):
+                elif replica in untouched:
                     self._phase("resume", lambda a: a.resume.remote(), ranks)
                 else:
                     self._load_committed(replica)

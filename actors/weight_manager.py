@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import ray
 
 from fd_ray_sync import shm
+from fd_ray_sync.buckets import iter_buckets
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
@@ -26,6 +27,7 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport, PrepareReport
+from fd_ray_sync.params import read_param
 from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 
@@ -188,6 +190,22 @@ class WeightManagerActor:
             m.finalize_update()
         if m.kv_cache_status != KVCacheStatus.NORMAL:
             self._engine().alloc_kv_cache()
+
+    def export(self, version: str) -> tuple[tuple, tuple]:
+        """This rank's parameters as buckets in its node's object store (metas, refs), for
+        a peer replica's restore (`fd_ray_sync.sources.peer`): only while serving `version`."""
+        m = self._manager()
+        if m.status != ModelWeightsStatus.NORMAL or m.version != version:
+            raise StateError(
+                f"rank {self.rank} cannot export version {version}: weights {m.status.name}, "
+                f"version {m.version}"
+            )
+        metas, refs = [], []
+        named = ((name, read_param(p)) for name, p in m.params.items())
+        for meta, arrays in iter_buckets(named, self.load.bucket_bytes, checksum=True):
+            metas.append(meta)
+            refs.append(ray.put(arrays))
+        return tuple(metas), tuple(refs)
 
     # --- serving -------------------------------------------------------------------------
 

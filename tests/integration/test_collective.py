@@ -2,8 +2,13 @@
 weight-sync group of the trainer and every rank (a chain, pieces forwarded as they land),
 all-or-nothing like every other transport."""
 
+import os
+import signal
+import time
+
 import pytest
 from fleet_checks import assert_serves, kill_rank0_mid_write
+from procs import start_driver
 
 from fd_ray_sync import collective
 from fd_ray_sync.config import FleetConfig, LoadConfig
@@ -88,3 +93,35 @@ def test_the_chain_runs_through_each_node_once():
     assert collective.chain_order(nodes, "a") == (2, 4, 0, 1, 3, 5)
     assert collective.chain_order(nodes, "elsewhere") == (0, 1, 2, 4, 3, 5)
     assert collective.pieces(10, 4) == [(0, 4), (4, 4), (8, 2)]
+
+
+TRAINER = """
+import sys
+import ray
+from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.fleet import Fleet
+
+ray.init(address=sys.argv[1], namespace="fd_ray_sync", log_to_driver=False)
+fleet = Fleet.connect("collective-fleet")
+fleet.update(init_full_state_dict(preset("tiny"), seed=SEED), version=VERSION)
+print("pushed", flush=True)
+"""
+
+
+def test_a_replica_is_rebuilt_from_its_peer_after_the_trainer_is_gone(fleet, tmp_path):
+    """A trainer process pushes over the collective transport (no copy kept) and exits;
+    then a rank of replica 1 dies. The replica is rebuilt and loads the committed version
+    from replica 0's ranks: before peers, it had nothing to restore from."""
+    trainer = start_driver(
+        tmp_path, TRAINER.replace("SEED", "12").replace("VERSION", "12"), "pushed"
+    )
+    trainer.wait(timeout=60)
+    state = init_full_state_dict(TINY, seed=12)
+    victim = fleet.status()["ranks"][3]
+    os.kill(victim["pid"], signal.SIGKILL)
+    start = time.monotonic()
+    assert fleet.generate(["x"], 4, replica=1)[0].version == "12"  # rebuilt first
+    print(f"replica 1 rebuilt from its peer in {time.monotonic() - start:.1f}s")
+    assert fleet.status()["ranks"][3]["pid"] != victim["pid"]
+    assert_serves(fleet, state, 12)
