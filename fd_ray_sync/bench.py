@@ -136,8 +136,8 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
     """Ours: the object store (with or without checksums; pipelined, or gathered from an
     iterator), or per-rank snapshots."""
     gathered = how == "object_store_gathered"  # every bucket put first, then loaded
-    checked = how in ("object_store", "ipc_ring", "ipc_registered")
-    strategy = "ipc" if how.startswith("ipc") else "object_store"
+    checked = how in ("object_store", "ipc_ring", "ipc_registered", "collective")
+    strategy = how.split("_")[0] if how.startswith(("ipc", "collective")) else "object_store"
     fleet = _fleet(setup, f"bench-{how}", checked, pipelined=not gathered, strategy=strategy)
     ranks = _rank_handles(fleet)
     folder = tempfile.mkdtemp(prefix="fdrs-bench-")
@@ -392,6 +392,7 @@ METHODS = {
     "ipc_ring": lambda s, n: run_fleet_method(s, n, "ipc_ring"),
     "ipc_registered": lambda s, n: run_fleet_method(s, n, "ipc_registered"),
     "ipc_registered_unchecked": lambda s, n: run_fleet_method(s, n, "ipc_registered_unchecked"),
+    "collective": lambda s, n: run_fleet_method(s, n, "collective"),
     "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
     "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
     "rdt_gloo": run_rdt,
@@ -479,6 +480,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bucket-mb", type=int, default=256, help="multi-node bench: bucket size in MiB"
     )
     p.add_argument(
+        "--link-gbit",
+        type=float,
+        default=None,
+        help="with --nodes N: a shaped network instead (every node in its own network "
+        "namespace behind a link of this many Gbit/s; root only; see fd_ray_sync.bench_net)",
+    )
+    p.add_argument(
+        "--delay-ms", type=float, default=0.0, help="shaped network: one-way delay (netem)"
+    )
+    p.add_argument(
         "--no-rollback-copy",
         action="store_true",
         help="ours: do not keep the committed version in the object store",
@@ -486,6 +497,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
+    if args.nodes and args.link_gbit:
+        from fd_ray_sync import bench_net
+
+        methods = [m for m in args.methods.split(",") if m in bench_net.METHODS]
+        result = {}
+        for nodes in (int(n) for n in args.nodes.split(",") if n):
+            r = bench_net.run_shaped(
+                args.size_gb,
+                args.tp,
+                nodes,
+                args.link_gbit,
+                args.runs,
+                args.bucket_mb,
+                methods or list(bench_net.METHODS),
+                args.delay_ms,
+            )
+            result = {**r, "nodes": {**result.get("nodes", {}), **r["nodes"]}}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     if args.nodes:
         from fd_ray_sync.bench_nodes import run_nodes
 

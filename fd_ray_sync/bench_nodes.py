@@ -85,7 +85,7 @@ def _start_cluster(nodes: int, cpus: int, store_bytes: int):
     return cluster, NodeMeter(ports, report_ms / 1000)
 
 
-def _measured(meter: NodeMeter, update) -> tuple[float, dict[str, float]]:
+def _measured(meter, update) -> tuple[float, dict[str, float]]:
     before = meter.settled()
     start = time.perf_counter()
     update()
@@ -94,19 +94,20 @@ def _measured(meter: NodeMeter, update) -> tuple[float, dict[str, float]]:
     return seconds, {n: after[n] - before[n] for n in before}
 
 
-def _ours(setup, meter: NodeMeter, runs: int, relay: bool, bucket_bytes: int) -> dict:
+def _ours(
+    setup, meter, runs: int, relay: bool, bucket_bytes: int, strategy: str = "object_store"
+) -> dict:
+    """Our fleet, one replica per rank node; `meter.settled()` gives each node's sent bytes."""
     from fd_ray_sync.bench import WARMUP
     from fd_ray_sync.fleet import Fleet
 
     config = FleetConfig(
-        name=f"nodes-{'relay' if relay else 'direct'}",
+        name=f"nodes-{strategy}-{'relay' if relay else 'direct'}",
         tp=setup.tp,
         dp=setup.dp,
         enable_expert_parallel=False,
         phase_timeout_s=600,
-        load=LoadConfig(
-            load_strategy="object_store", verify_checksum=False, bucket_bytes=bucket_bytes
-        ),
+        load=LoadConfig(load_strategy=strategy, verify_checksum=False, bucket_bytes=bucket_bytes),
         fingerprint=False,
         relay=relay,
     )
@@ -130,7 +131,7 @@ def _ours(setup, meter: NodeMeter, runs: int, relay: bool, bucket_bytes: int) ->
     return {"times": times, "sent": sent, "bit_identical": ok}
 
 
-def _naive(setup, meter: NodeMeter, runs: int) -> dict:
+def _naive(setup, meter, runs: int) -> dict:
     from fd_ray_sync.bench import WARMUP, PlainRank, naive_push
 
     world = setup.tp * setup.dp
