@@ -13,9 +13,14 @@ harness as it starts) removes what a dead owner left behind.
 
 Ray runs as real nodes, one per namespace (`ray start --block` in a new session, killed
 with its process group; never `ray stop`, which would stop every Ray on the machine). The
-driver runs in the head namespace through `ShapedNetwork.run`, and must connect with
-`ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=HEAD_IP)`. Node i carries the
-custom resource `{"node<i>": 1}` and the head `{"trainer": 1}`, the keys `tx_bytes()` uses.
+driver runs in the head namespace through `ShapedNetwork.run` (or `ip netns exec <head_ns>`
+with `driver_env()`): RAY_ADDRESS and the cluster's auth token (RAY_AUTH_MODE=token,
+RAY_AUTH_TOKEN_PATH) are set. Connect with
+`ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=HEAD_IP)`; a plain `ray.init()`
+finds the head too on Ray 2.60 (it prefers the head among this cluster's local raylets), but
+an older Ray guesses the node's address from a route to the internet, which these namespaces
+lack. Node i carries the custom resource `{"node<i>": 1}` and the head `{"trainer": 1}`, the
+keys `tx_bytes()` uses.
 """
 
 from __future__ import annotations
@@ -85,11 +90,8 @@ def _kill_namespace_pids(namespaces: list[str], timeout_s: float = 10.0) -> None
     """SIGKILL every process in `namespaces` (Ray's workers, stray drivers) and wait for them."""
     deadline = time.monotonic() + timeout_s
     while True:
-        pids = [
-            int(p)
-            for ns in namespaces
-            for p in _ip("netns", "pids", ns, check=False).stdout.split()
-        ]
+        found = [_ip("netns", "pids", ns, check=False).stdout for ns in namespaces]
+        pids = [int(p) for out in found for p in out.split()]
         if not pids or time.monotonic() > deadline:
             return
         for pid in pids:
@@ -363,19 +365,10 @@ class ShapedNetwork:
         return sent
 
     def describe(self) -> dict:
-        return {
-            "nodes": self.nodes,
-            "prefix": self.prefix,
-            "address": self.address,
-            "head_ns": self.head_ns,
-            "switch_ns": self.switch_ns,
-            "node_ns": self.node_ns,
+        keys = ("nodes", "prefix", "address", "head_ns", "switch_ns", "node_ns", "link_gbit")
+        keys += ("delay_ms", "burst_bytes", "cpus_per_node", "head_cpus", "store_bytes")
+        return {k: getattr(self, k) for k in keys} | {
             "addresses": {name: m[2] for name, m in self.members.items()},
-            "link_gbit": self.link_gbit,
-            "delay_ms": self.delay_ms,
             "delay_applied": self.delay_ms > 0,  # a refused netem raised in __enter__
-            "tbf": {"burst_bytes": self.burst_bytes, "latency_ms": TBF_LATENCY_MS},
-            "cpus_per_node": self.cpus_per_node,
-            "head_cpus": self.head_cpus,
-            "store_bytes": self.store_bytes,
+            "tbf_latency_ms": TBF_LATENCY_MS,
         }
