@@ -468,7 +468,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--runs", type=int, default=3, help="timed runs after two warm-ups")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated (default: all of the mode's; with --link-gbit: collective, "
+        "object_store_relay, naive_ray)",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
         "--nodes",
@@ -500,7 +505,7 @@ def run_from_args(args) -> int:
     if args.nodes and args.link_gbit:
         from fd_ray_sync import bench_net
 
-        methods = [m for m in args.methods.split(",") if m in bench_net.METHODS]
+        methods = args.methods.split(",") if args.methods else list(bench_net.METHODS)
         result = {}
         for nodes in (int(n) for n in args.nodes.split(",") if n):
             r = bench_net.run_shaped(
@@ -510,7 +515,7 @@ def run_from_args(args) -> int:
                 args.link_gbit,
                 args.runs,
                 args.bucket_mb,
-                methods or list(bench_net.METHODS),
+                methods,
                 args.delay_ms,
             )
             result = {**r, "nodes": {**result.get("nodes", {}), **r["nodes"]}}
@@ -527,7 +532,7 @@ def run_from_args(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return 0
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or ",".join(METHODS)).split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")

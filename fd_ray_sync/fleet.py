@@ -421,7 +421,9 @@ class Fleet:
             self._end = TrainerEnd(
                 ray.util.get_node_ip_address(),
                 "nccl" if self.config.use_gpu else "gloo",
-                self.config.phase_timeout_s,
+                # Inside the phase timeout: a rank waiting on a stalled peer says which one
+                # before the coordinator gives up on the phase.
+                0.8 * self.config.phase_timeout_s,
             )
         return self._end
 

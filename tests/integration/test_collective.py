@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import ray
 from fleet_checks import assert_serves, kill_rank0_mid_write
 from procs import start_driver
 
@@ -14,7 +15,7 @@ from fd_ray_sync import collective
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
-from fd_ray_sync.errors import RankFailed, WeightMismatchError
+from fd_ray_sync.errors import PhaseTimeout, RankFailed, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 
 pytestmark = pytest.mark.slow
@@ -125,3 +126,31 @@ def test_a_replica_is_rebuilt_from_its_peer_after_the_trainer_is_gone(fleet, tmp
     print(f"replica 1 rebuilt from its peer in {time.monotonic() - start:.1f}s")
     assert fleet.status()["ranks"][3]["pid"] != victim["pid"]
     assert_serves(fleet, state, 12)
+
+
+def test_a_stalled_rank_is_named_within_the_phase_timeout_and_the_replica_rolls_back(
+    ray_cluster, tmp_path
+):
+    """Rank 0 hangs mid-write (it never answers and never forwards another bucket): rank 1,
+    downstream on the chain, gives up within the phase timeout naming rank 0, rank 0 is
+    reported lost, and the replica is rebuilt on the committed version."""
+    config = FleetConfig(
+        name="collective-stall",
+        tp=2,
+        dp=1,
+        phase_timeout_s=15.0,
+        load=LoadConfig(load_strategy="collective", bucket_bytes=BUCKET),
+    )
+    fleet = Fleet.launch(config)
+    try:
+        state = init_full_state_dict(TINY, seed=20)
+        over_object_store(fleet).update(state, version=20)
+        rank0 = ray.get(fleet.coordinator.rank_handles.remote())[0]
+        ray.get(rank0.hold_after_writes.remote(5, str(tmp_path / "held")))
+        with pytest.raises(PhaseTimeout) as e:  # rank 0 never answers
+            fleet.update(init_full_state_dict(TINY, seed=21), version=21)
+        assert e.value.phase == "load" and set(e.value.lost) == {0}
+        assert "from rank 0" in e.value.failures[1]  # the stalled upstream, by name
+        assert_serves(fleet, state, 20)
+    finally:
+        fleet.shutdown()
