@@ -41,13 +41,16 @@ class PlacementMixin:
     def _adopt(self) -> None:
         """After a coordinator restart: find the placement groups and ranks by name and
         rebuild the state. A rank that died meanwhile is created anew (heal rebuilds it)."""
-        try:
-            self.pgs = [
-                get_placement_group(_pg_name(self.config.name, replica))
-                for replica in range(self.config.dp)
-            ]
-        except ValueError:
+        pgs = []
+        while True:  # as many replicas as placement groups (a scale() changed the count)
+            try:
+                pgs.append(get_placement_group(_pg_name(self.config.name, len(pgs))))
+            except ValueError:
+                break
+        if not pgs:
             return  # a new fleet: start() creates everything
+        self.pgs = pgs
+        self._resize(len(pgs))
         if self.config.use_gpu is None:  # what start() decided, as the groups hold it
             use_gpu = self.pgs[0].bundle_specs[0].get("GPU", 0) > 0
             self.config = self.config.model_copy(update={"use_gpu": use_gpu})
@@ -78,12 +81,23 @@ class PlacementMixin:
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= self.world
             cfg = self.config = cfg.model_copy(update={"use_gpu": use_gpu})
+        self._place(range(cfg.dp))
+        for replica in range(cfg.dp):
+            self._form_replica(replica)
+        self.log.info("fleet %s up: dp=%d x tp=%d (GPUs: %s)", cfg.name, cfg.dp, cfg.tp, use_gpu)
+        if cfg.load.model_dir is not None:
+            self.update(SnapshotSpec(None, folder=str(cfg.load.model_dir)))
+        return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
+
+    def _place(self, replicas: range) -> None:
+        """Placement groups and rank actors of `replicas` (the last ones of the fleet)."""
+        cfg, use_gpu = self.config, bool(self.config.use_gpu)
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         # One placement group per replica, its ranks on one node (TP traffic stays inside
         # it); replicas aimed at different nodes. Not detached unless the fleet is: then the
         # groups, and the ranks placed in them, end with the driver's job.
         targets = _spread_targets(cfg.dp, cfg.tp, bundle)
-        self.pgs = [
+        pgs = [
             placement_group(
                 [dict(bundle) for _ in range(cfg.tp)],
                 strategy="STRICT_PACK",
@@ -91,24 +105,71 @@ class PlacementMixin:
                 lifetime="detached" if cfg.detached else None,
                 _soft_target_node_id=targets[replica],
             )
-            for replica in range(cfg.dp)
+            for replica in replicas
         ]
-        if not all(pg.wait(timeout_seconds=cfg.phase_timeout_s) for pg in self.pgs):
-            for pg in self.pgs:
+        if not all(pg.wait(timeout_seconds=cfg.phase_timeout_s) for pg in pgs):
+            for pg in pgs:
                 remove_placement_group(pg)
-            self.pgs = []
             raise StateError(
-                f"could not place {cfg.dp} replicas of {cfg.tp} ranks ({bundle} each, one "
-                f"node per replica) within {cfg.phase_timeout_s}s; the cluster has "
+                f"could not place {len(pgs)} replica(s) of {cfg.tp} ranks ({bundle} each, "
+                f"one node per replica) within {cfg.phase_timeout_s}s; the cluster has "
                 f"{ray.cluster_resources()}"
             )
-        self.ranks = [self._create_rank(rank, use_gpu) for rank in range(self.world)]
-        for replica in range(cfg.dp):
-            self._form_replica(replica)
-        self.log.info("fleet %s up: dp=%d x tp=%d on %s", cfg.name, cfg.dp, cfg.tp, bundle)
-        if cfg.load.model_dir is not None:
-            self.update(SnapshotSpec(None, folder=str(cfg.load.model_dir)))
-        return {"world": self.world, "use_gpu": use_gpu, "adopted": False}
+        self.pgs = [*self.pgs, *pgs]
+        first, last = replicas.start * cfg.tp, replicas.stop * cfg.tp
+        self.ranks = [*self.ranks, *(self._create_rank(r, use_gpu) for r in range(first, last))]
+
+    def _resize(self, dp: int) -> None:
+        self._ok = (self._ok + [False] * dp)[:dp]
+        self.config = self.config.model_copy(update={"dp": dp})
+        self.world = dp * self.config.tp
+
+    def scale(self, dp: int) -> dict:
+        """Add or remove replicas while the others keep serving. A new replica loads the
+        committed version from a serving replica (else from the committed source) and
+        serves once its fingerprints match the committed ones; if that fails, the new
+        replicas are removed again and the error raised."""
+        if dp < 1:
+            raise StateError(f"a fleet needs at least one replica, not dp={dp}")
+        old, tp = self.config.dp, self.config.tp
+        if dp < old:
+            self._remove_replicas(dp)
+        elif dp > old:
+            self._resize(dp)
+            try:
+                self._place(range(old, dp))
+                for rank in range(old * tp, dp * tp):  # the committed version, as its TP rank
+                    if rank % tp in self._fingerprints:
+                        self._fingerprints[rank] = self._fingerprints[rank % tp]
+                for replica in range(old, dp):
+                    self._form_replica(replica)
+                    if self._committed is not None and not self._cleared:
+                        self._load_committed(replica)
+            except Exception:
+                self._remove_replicas(old)
+                raise
+        self.log.info("fleet %s scaled from dp=%d to dp=%d", self.config.name, old, dp)
+        return {"dp": dp, "replicas_serving": list(self._ok)}
+
+    def _remove_replicas(self, dp: int) -> None:
+        """Kill the ranks of replicas dp.. and remove their placement groups."""
+        tp, cfg = self.config.tp, self.config
+        gone = self.ranks[dp * tp :]
+        self.ranks = self.ranks[: dp * tp]
+        for actor in gone:
+            ray.kill(actor, no_restart=True)
+        for replica in range(dp, len(self.pgs)):
+            try:
+                remove_placement_group(get_placement_group(_pg_name(cfg.name, replica)))
+            except ValueError:
+                pass
+        self.pgs = self.pgs[:dp]
+        for rank in range(dp * tp, self.world):
+            for table in (self._nodes, self._pids, self._fingerprints):
+                table.pop(rank, None)
+        for replica in range(dp, cfg.dp):
+            self._down.pop(replica, None)
+        self._resize(dp)
 
     def _find_rank(self, rank: int):
         """The named rank actor, or a new one if it is gone."""

@@ -295,6 +295,13 @@ class TransactionMixin:
                 for r, want in (expected or {}).items()
                 if fingerprints.get(r) != want
             }
+            if fp and not expected:  # no trainer figure: replicas must at least agree
+                tp = self.config.tp
+                wrong = {
+                    r: f"fingerprint {f}, rank {r % tp} of replica 0 has {fingerprints[r % tp]}"
+                    for r, f in fingerprints.items()
+                    if f != fingerprints.get(r % tp)
+                }
             if wrong:
                 raise RankFailed("verify", wrong)
             # 8. commit: TP/EP barriers, status NORMAL, KV cache back, serve the new version.

@@ -33,10 +33,12 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of
+from fd_ray_sync.shards import ShardSet, check_sets
 from fd_ray_sync.sources import TransportSpec
 from fd_ray_sync.sources.collective import SLOTS, CollectiveSpec, extent
 from fd_ray_sync.sources.ipc import IpcRingSpec, IpcStorageSpec
 from fd_ray_sync.sources.object_store import StreamSpec
+from fd_ray_sync.sources.sharded import ShardedSpec
 from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.tensors import shape_and_dtype, storage_dtype
 from fd_ray_sync.version import validate_version
@@ -427,6 +429,22 @@ class Fleet:
             )
         return self._end
 
+    def update_shards(
+        self, sets: Sequence[ShardSet | ray.ObjectRef], version: str | int, force: bool = False
+    ) -> UpdateReport:
+        """One update from several sharded trainers: each put its own pieces of each
+        parameter (`fd_ray_sync.shards.put_shards`, in its own process) and `sets` holds
+        what each returned (or the refs of their calls). The pieces are checked here (each
+        parameter covered exactly once, one shape and dtype) before any rank sees them;
+        every rank assembles its slice from the pieces that overlap it. No process holds
+        the whole model, this one included (it sees only where the pieces are)."""
+        version = validate_version(version)
+        sets = [ray.get(s) if isinstance(s, ray.ObjectRef) else s for s in sets]
+        check_sets(sets)
+        spec = ShardedSpec(version, sets=tuple(sets), chunk_bytes=self.config.load.bucket_bytes)
+        self._held = []
+        return _get(self.coordinator.update.remote(spec, force))
+
     def update_from_snapshot(
         self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
     ) -> UpdateReport:
@@ -434,6 +452,14 @@ class Fleet:
         version = validate_version(version) if version is not None else None
         folder = os.fspath(os.path.abspath(path))
         return _get(self.coordinator.update.remote(SnapshotSpec(version, folder=folder), force))
+
+    def scale(self, dp: int) -> dict:
+        """Grow or shrink the fleet to `dp` replicas while the others keep serving; a new
+        replica loads the committed version from a serving one (the trainer is not needed)."""
+        out = _get(self.coordinator.scale.remote(dp))
+        self.config = self.config.model_copy(update={"dp": dp})
+        self._plans = None
+        return out
 
     def clear(self) -> None:
         _get(self.coordinator.clear.remote())

@@ -17,6 +17,7 @@ from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
+from fd_ray_sync.shm import pid_alive
 
 pytestmark = pytest.mark.slow
 TINY = preset("tiny")
@@ -154,3 +155,31 @@ def test_a_stalled_rank_is_named_within_the_phase_timeout_and_the_replica_rolls_
         assert_serves(fleet, state, 20)
     finally:
         fleet.shutdown()
+
+
+def test_scaling_adds_replicas_loaded_from_peers_and_removes_them(fleet):
+    """Up: the new replica loads the committed version (pushed over the collective
+    transport, so no copy is kept) from a serving replica while the others keep serving;
+    the next update forms a group with its ranks. Down: its ranks and group go."""
+    state = init_full_state_dict(TINY, seed=30)
+    fleet.update(state, version=30)
+    out = fleet.scale(3)
+    assert out["replicas_serving"] == [True, True, True]
+    assert len(fleet.status()["ranks"]) == 6
+    assert_serves(fleet, state, 30)
+    state = init_full_state_dict(TINY, seed=31)
+    fleet.update(state, version=31)  # the group now holds the new ranks too
+    assert len(fleet._end.info.ranks) == 6
+    assert_serves(fleet, state, 31)
+    gone = [r["pid"] for r in fleet.status()["ranks"][4:]]
+    fleet.scale(2)
+    status = fleet.status()
+    assert status["dp"] == 2 and len(status["ranks"]) == 4
+    assert_serves(fleet, state, 31)
+    deadline = time.monotonic() + 30
+    while any(pid_alive(pid) for pid in gone) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(pid) for pid in gone)
+    state = init_full_state_dict(TINY, seed=32)
+    fleet.update(state, version=32)
+    assert_serves(fleet, state, 32)
