@@ -58,6 +58,7 @@ class CoordinatorActor(PlacementMixin, TransactionMixin, ServingMixin):
         self._pids: dict[int, int] = {}  # rank -> the process set up (a restart changes it)
         self._fingerprints: dict[int, str | None] = {}  # rank -> committed fingerprint
         self._down: dict[int, str] = {}  # replica -> why it does not serve
+        self.restore_s: dict[int, float] = {}  # replica -> its last restore's load, seconds
         self._feeds: dict[str, BucketFeed] = {}
         self._feeds_lock = threading.Lock()
         self._adopt()

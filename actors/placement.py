@@ -286,6 +286,7 @@ class PlacementMixin:
 
         From a replica that serves it when there is one (the trainer is not needed), else
         from the committed source (kept buckets, a snapshot folder)."""
+        started = time.perf_counter()
         ranks = self._replica_ranks(replica)
         spec = None if self._cleared else self._from_peer(replica)
         if spec is None:
@@ -341,6 +342,7 @@ class PlacementMixin:
         self._phase("restore", lambda a: a.commit.remote(keep, self._fingerprints), ranks)
         self._ok[replica] = True
         self._down.pop(replica, None)
+        self.restore_s[replica] = time.perf_counter() - started
 
     def _replica_down(self, replica: int, error: Exception) -> None:
         self._ok[replica] = False
@@ -402,7 +404,11 @@ class PlacementMixin:
                 self._rebuild_replica(replica)
             except Exception as e:  # noqa: BLE001 - reported; the replica stays down
                 self._replica_down(replica, e)
-        return {"version": self.version, "replicas_serving": list(self._ok)}
+        return {
+            "version": self.version,
+            "replicas_serving": list(self._ok),
+            "restore_s": dict(self.restore_s),  # the last load of each restored replica
+        }
 
     def shutdown(self) -> None:
         """Kill every rank and remove the placement groups, found by name as well (a

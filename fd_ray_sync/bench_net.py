@@ -130,7 +130,9 @@ def _drive(config: dict) -> dict:
                 r = _naive(setup, meter, runs)
             else:
                 strategy = "collective" if name == "collective" else "object_store"
-                r = _ours(setup, meter, runs, True, bucket, strategy)
+                # After the collective's runs: a replica rebuilt, loading from its peer.
+                rebuild = name == "collective" and config["nodes"] >= 2
+                r = _ours(setup, meter, runs, True, bucket, strategy, rebuild)
         except Exception as e:  # noqa: BLE001 - one method's failure is a result
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
         if "times" in r:
@@ -179,10 +181,18 @@ def _row(name: str, r: dict) -> str:
     if "error" in r:
         return f"  {name:20s} {r['error']}"
     by_node = " ".join(f"{n} {b / GiB:.2f}" for n, b in r["sent_by_node_bytes"].items())
+    rebuilt = ""
+    if "rebuild_s" in r:
+        rebuilt = (
+            f"\n  {'':20s} a replica rebuilt from its peer in {r['rebuild_s']:.3f}s (its load "
+            f"{r['peer_restore_s']:.3f}s; the push took {r['seconds']:.3f}s), trainer node "
+            f"sent {r['rebuild_sent_bytes']['trainer'] / GiB:.3f} GiB meanwhile, "
+            f"bit-identical {r['rebuilt_bit_identical']}"
+        )
     return (
         f"  {name:20s} {r['seconds']:7.3f}s (x{r['x_floor']:.2f} floor)  trainer node sent "
         f"x{r['trainer_node_sent_x_model']:.2f} model  sent by node [GiB]: {by_node}  "
-        f"bit-identical {r['bit_identical']}"
+        f"bit-identical {r['bit_identical']}{rebuilt}"
     )
 
 

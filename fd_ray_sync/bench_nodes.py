@@ -95,7 +95,13 @@ def _measured(meter, update) -> tuple[float, dict[str, float]]:
 
 
 def _ours(
-    setup, meter, runs: int, relay: bool, bucket_bytes: int, strategy: str = "object_store"
+    setup,
+    meter,
+    runs: int,
+    relay: bool,
+    bucket_bytes: int,
+    strategy: str = "object_store",
+    rebuild: bool = False,
 ) -> dict:
     """Our fleet, one replica per rank node; `meter.settled()` gives each node's sent bytes."""
     from fd_ray_sync.bench import WARMUP
@@ -126,9 +132,33 @@ def _ours(
         ranks = ray.get(fleet.coordinator.rank_handles.remote())
         got = {r["rank"]: r["fingerprint"] for r in ray.get([h.verify.remote() for h in ranks])}
         ok = got == setup.expected_fingerprints(runs + WARMUP)
+        extra = _rebuild_from_peer(fleet, meter, setup, runs + WARMUP) if rebuild else {}
     finally:
         fleet.shutdown()
-    return {"times": times, "sent": sent, "bit_identical": ok}
+    return {"times": times, "sent": sent, "bit_identical": ok, **extra}
+
+
+def _rebuild_from_peer(fleet, meter, setup, seed: int) -> dict:
+    """Kill the last replica's last rank and heal: the replica is rebuilt (new processes)
+    and loads the committed version from a serving replica. Seconds of the whole rebuild,
+    of its load from the peer alone, and the bytes each node sent meanwhile."""
+    ranks = ray.get(fleet.coordinator.rank_handles.remote())
+    ray.kill(ranks[-1], no_restart=True)
+    before = meter.settled()
+    start = time.perf_counter()
+    healed = ray.get(fleet.coordinator.heal.remote())
+    seconds = time.perf_counter() - start
+    after = meter.settled()
+    ranks = ray.get(fleet.coordinator.rank_handles.remote())
+    got = {r["rank"]: r["fingerprint"] for r in ray.get([h.verify.remote() for h in ranks])}
+    replica = setup.dp - 1
+    return {
+        "rebuild_s": seconds,
+        "peer_restore_s": healed["restore_s"].get(replica),
+        "rebuild_sent_bytes": {n: after[n] - before[n] for n in before},
+        "rebuilt_bit_identical": healed["replicas_serving"][replica]
+        and got == setup.expected_fingerprints(seed),
+    }
 
 
 def _naive(setup, meter, runs: int) -> dict:

@@ -373,6 +373,12 @@ class Fleet:
         import torch
 
         version = validate_version(version)
+        world = self.config.tp * self.config.dp
+        if world > FEED_THREADS - 4:  # each rank waits for its next bucket in a feed thread
+            raise ConfigError(
+                f"the collective transport serves at most {FEED_THREADS - 4} ranks for now "
+                f"(the coordinator's feed threads); this fleet has {world}"
+            )
         ring = self._ring_for(weights, shared=False)
         parts = ring.plan(weights)
         end = self._trainer_end()
