@@ -4,12 +4,14 @@ their own pieces, and the fleet loads one version from both, all-or-nothing. Eac
 computes only its own pieces' values; no process builds the whole model but this test's
 checker."""
 
+import sys
 import zlib
 
 import numpy as np
 import pytest
 import ray
 from fleet_checks import assert_serves
+from ray import cloudpickle
 
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.engine.model import preset
@@ -20,6 +22,7 @@ from fd_ray_sync.fleet import Fleet
 pytestmark = pytest.mark.slow
 TINY = preset("tiny")
 SHAPES = {n: a.shape for n, a in init_full_state_dict(TINY, seed=0).items()}
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trainer actors' code
 
 
 def values(name: str, seed: int, lo: int, hi: int) -> np.ndarray:
