@@ -395,7 +395,8 @@ class PlacementMixin:
             if alive and all(
                 st["weights"] == "NORMAL"
                 and st["version"] == self.version
-                and st["fingerprint"] == self._fingerprints.get(st["rank"])
+                # None: committed without fingerprints (FleetConfig.fingerprint off)
+                and self._fingerprints.get(st["rank"]) in (None, st["fingerprint"])
                 for st in states
             ):
                 self._ok[replica] = True
@@ -408,6 +409,7 @@ class PlacementMixin:
             "version": self.version,
             "replicas_serving": list(self._ok),
             "restore_s": dict(self.restore_s),  # the last load of each restored replica
+            "replica_errors": dict(self._down),
         }
 
     def shutdown(self) -> None:

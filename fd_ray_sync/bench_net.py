@@ -182,7 +182,9 @@ def _row(name: str, r: dict) -> str:
         return f"  {name:20s} {r['error']}"
     by_node = " ".join(f"{n} {b / GiB:.2f}" for n, b in r["sent_by_node_bytes"].items())
     rebuilt = ""
-    if "rebuild_s" in r:
+    if r.get("rebuild_error"):
+        rebuilt = f"\n  {'':20s} the replica rebuilt from its peer is down: {r['rebuild_error']}"
+    elif "rebuild_s" in r:
         rebuilt = (
             f"\n  {'':20s} a replica rebuilt from its peer in {r['rebuild_s']:.3f}s (its load "
             f"{r['peer_restore_s']:.3f}s; the push took {r['seconds']:.3f}s), trainer node "

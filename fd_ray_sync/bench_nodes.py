@@ -158,6 +158,7 @@ def _rebuild_from_peer(fleet, meter, setup, seed: int) -> dict:
         "rebuild_sent_bytes": {n: after[n] - before[n] for n in before},
         "rebuilt_bit_identical": healed["replicas_serving"][replica]
         and got == setup.expected_fingerprints(seed),
+        "rebuild_error": healed["replica_errors"].get(replica),
     }
 
 

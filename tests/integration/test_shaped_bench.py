@@ -36,5 +36,10 @@ def test_the_collective_sends_one_model_out_of_the_trainers_node_and_along_a_cha
         assert 0.95 <= sent["trainer"] / model <= 1.1, (name, sent)
         handed_on = sorted(b for n, b in sent.items() if n != "trainer")
         assert handed_on[0] < 0.1 * model and 0.95 * model <= handed_on[1] <= 1.1 * model
+    # A replica rebuilt after the collective's runs loads from its peer: the trainer's node
+    # sends (next to) nothing meanwhile.
+    collective = methods["collective"]
+    assert collective["rebuilt_bit_identical"], collective.get("rebuild_error")
+    assert collective["rebuild_sent_bytes"]["trainer"] < 0.05 * model
     # Naive Ray: both rank nodes fetch the model from the trainer's node.
     assert methods["naive_ray"]["sent_by_node_bytes"]["trainer"] >= 1.9 * model
