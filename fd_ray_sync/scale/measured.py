@@ -13,6 +13,7 @@ from types import MappingProxyType
 import numpy as np
 from pydantic import ValidationError
 
+from fd_ray_sync.bench_net import PAYLOAD
 from fd_ray_sync.errors import ConfigError
 from fd_ray_sync.scale.model import (
     ASSUMED,
@@ -21,6 +22,7 @@ from fd_ray_sync.scale.model import (
     MiB,
     PlanInputs,
     features,
+    floor_s,
     validation_reasons,
 )
 
@@ -41,6 +43,10 @@ HOST_COPY_GBYTE = 10.0
 CONSTANT_NAMES = ("link_efficiency", "piece_latency_s", "bucket_overhead_s", "update_fixed_s")
 # When runs cannot tell all four apart, fit the first ones here and hold the rest as assumed.
 _FIT_ORDER = (0, 3, 1, 2)
+# A run whose trainer node sent more than this times the bytes the model has its transport
+# send is left out of the fit: the model prices the bytes a transport is built to move, not
+# re-sent ones (Ray's object manager re-sending chunks over a congested link).
+EXCESS_SENT = 1.25
 
 
 class MeasuredRun(FrozenModel):
@@ -54,6 +60,18 @@ class MeasuredRun(FrozenModel):
     floor_s: float | None = None
     trainer_sent_bytes: float | None = None
 
+    def sent_x_modelled(self) -> float | None:
+        """The bytes the trainer's node sent over those the model has it send (None when
+        the file did not count them)."""
+        modelled = features(self.inputs).bytes["egress_per_trainer_node"]
+        if self.trainer_sent_bytes is None or not modelled:
+            return None
+        return self.trainer_sent_bytes / modelled
+
+    def fittable(self) -> bool:
+        """False when the trainer's node sent over EXCESS_SENT times the modelled bytes."""
+        return (self.sent_x_modelled() or 0.0) <= EXCESS_SENT
+
 
 def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
     """The runs in one `fd-ray-sync bench --nodes N --link-gbit B --json F` file, and notes on
@@ -62,6 +80,10 @@ def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
 
     The bench's layout: the trainer on its own node, one replica of `tp` CPU ranks on each rank
     node, every node's link shaped to `link_gbit` (one link a node), tensors in host memory.
+    Its links are tbf-shaped at `link_gbit` including Ethernet/IP/TCP headers, and its
+    `floor_s` counts only payload (PAYLOAD = 1448/1514 of the rate): the runs are read with
+    that payload share, so the model's floor is the file's and a fitted efficiency is the
+    share of the payload rate reached (the bench's 1/x_floor, for the stream).
     """
     path = str(path)
     try:
@@ -98,7 +120,8 @@ def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
     # One replica of tp CPU ranks a node, one link a node, the trainer alone on its node.
     setup = dict(
         bytes_per_param=1, gpus_per_node=tp, tp=tp, link_gbit=link, nics_per_node=1,
-        intra_gbyte=copy, write_gbyte=copy, h2d_gbyte=copy, bucket_bytes=int(bucket_mb * MiB),
+        payload_share=PAYLOAD, intra_gbyte=copy, write_gbyte=copy, h2d_gbyte=copy,
+        bucket_bytes=int(bucket_mb * MiB),
         piece_bytes=int(piece_mb * MiB), trainer_gpus=1, source="host",
         delay_s=need(doc, "delay_ms", "the file", float) / 1e3 if "delay_ms" in doc else 0.0,
     )  # fmt: skip
@@ -122,10 +145,16 @@ def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
             except ValidationError as e:
                 raise ConfigError(f"{path}: {where}: {method}: {validation_reasons(e)}") from None
             sent = (result.get("sent_by_node_bytes") or {}).get("trainer")
+            floor = entry.get("floor_s")
+            if floor is not None and abs(floor_s(inputs) / floor - 1) > 0.01:
+                notes.append(
+                    f"{path}: {where}: {method}: the file's floor {floor:.3f}s is not the "
+                    f"model's {floor_s(inputs):.3f}s (different link or payload accounting?)"
+                )
             runs.append(
                 MeasuredRun(
                     file=path, nodes=n, method=method, seconds=seconds, inputs=inputs,
-                    floor_s=entry.get("floor_s"), trainer_sent_bytes=sent,
+                    floor_s=floor, trainer_sent_bytes=sent,
                 )
             )  # fmt: skip
     return runs, notes
@@ -176,10 +205,18 @@ def fit(
     Efficiency is kept <= 1 (fitted as 1/efficiency = 1 + d, d >= 0). Constants the runs
     cannot determine (e.g. bucket overhead when every run has the same bucket count, which
     makes it indistinguishable from the fixed cost) are held at `base` and named in `source`.
+    Runs that are not `fittable` (bytes re-sent beyond the model's) are left out, and named.
     """
     out = {}
     by_transport: dict[str, list[MeasuredRun]] = {}
+    left_out: dict[str, list[str]] = {}
     for run in runs:
+        if not run.fittable():
+            left_out.setdefault(run.inputs.transport, []).append(
+                f"{Path(run.file).name} ({run.nodes} nodes, trainer sent "
+                f"{run.sent_x_modelled():.2f}x the modelled bytes)"
+            )
+            continue
         by_transport.setdefault(run.inputs.transport, []).append(run)
     for transport, rows in by_transport.items():
         feats = [features(r.inputs) for r in rows]
@@ -202,6 +239,7 @@ def fit(
             bucket_overhead_s=theta[2],
             update_fixed_s=theta[3],
             source=f"fitted to {len(rows)} run(s) in {', '.join(files)}; "
-            f"held at assumed: {held_names}",
+            f"held at assumed: {held_names}"
+            + "".join(f"; left out: {r}" for r in left_out.get(transport, [])),
         )
     return out

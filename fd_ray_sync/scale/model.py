@@ -7,11 +7,16 @@ Every transport is the same pipeline, read off its `TransportModel` (no branchin
     node --(NIC of each GPU, or the node's one link)--> GPU --(intra-node)--> GPU --write--> param
 
     T = fixed + stage + stream + fill + pieces + buckets + write
-    stream  = max(egress / trainer-node bw, ingress / node bw, intra / intra bw) / efficiency
+    stream  = max(egress / trainer-node bw, ingress / node bw + wait, intra / intra bw) / efficiency
     fill    = (hops - 1) * piece / (one NIC's bw * efficiency) + hops * delay
     pieces  = piece latency * (pieces per rail + hops - 1)
     buckets = bucket overhead * buckets;  fixed = per-update transaction cost
     stage   = the trainer's bytes per GPU / its copy bw;  write = a rank's share / its copy bw
+    bw      = link_gbit / 8 * payload_share a NIC (payload_share: 1, or TCP's 1448/1514)
+
+The object-store relay stores and forwards whole buckets (its fill's piece is a bucket), and
+its backpressure lets c = buckets_in_flight - 1 of them travel the chain at once: with k
+buckets and more hops than c, wait = (k - 1 - c) * (hops / c - 1) * bucket / bw.
 
 The network stages overlap each other (a pipeline); the copies and overheads are added on
 top (conservative: our ranks do write while later buckets arrive). The four `Constants` enter
@@ -56,18 +61,23 @@ class TransportModel:
     network: bool  # False: co-located, ranks copy from the trainer's memory on their node
     slices_on_wire: bool  # can send each GPU only its slice (delivery "slice"), else whole
     ray_objects: bool  # pieces are Ray's 5 MiB chunks; star: the model is one object
+    # A chain node hands a bucket on only once it holds all of it (ray.get, then ray.put of
+    # its copy), and the trainer's backpressure (`buckets_in_flight`) bounds the buckets on
+    # the chain.
+    whole_buckets: bool
 
 
-# name, what it does; then star, all_nics, lands_on_host, network, slices_on_wire, ray_objects
+# name, what it does; then star, all_nics, lands_on_host, network, slices_on_wire, ray_objects,
+# whole_buckets
 TRANSPORTS = MappingProxyType({t.name: t for t in (
     TransportModel("naive_ray", "ray.put of the state dict; every rank node fetches it",
-                   True, False, True, True, False, True),
+                   True, False, True, True, False, True, False),
     TransportModel("object_store", "buckets relayed node to node through Ray's object stores",
-                   False, False, True, True, False, True),
+                   False, False, True, True, False, True, True),
     TransportModel("collective", "pieces forwarded along a chain of nodes, NCCL/gloo group",
-                   False, True, False, True, True, False),
+                   False, True, False, True, True, False, False),
     TransportModel("ipc", "co-located: ranks copy from the trainer's memory on their node",
-                   False, True, False, False, False, False),
+                   False, True, False, False, False, False, False),
 )})  # fmt: skip
 
 
@@ -86,6 +96,14 @@ class PlanInputs(FrozenModel):
         "tp*ep GPUs, each holding 1/(tp*ep) of the model.",
     )
     link_gbit: float = Field(gt=0, description="Inter-node bandwidth of one NIC, Gbit/s.")
+    payload_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of a link's rate left for payload once frame headers are paid. "
+        "1: the link efficiency covers them too (the assumed constants); 1448/1514 for TCP "
+        "over Ethernet at MTU 1500 (what the shaped bench's floor counts).",
+    )
     nics_per_node: int = Field(8, ge=1, description="NICs per node (8: one per GPU).")
     intra_gbyte: float = Field(gt=0, description="GB/s one GPU receives over intra-node links.")
     write_gbyte: float = Field(1500.0, gt=0, description="Device-to-device copy GB/s.")
@@ -97,6 +115,13 @@ class PlanInputs(FrozenModel):
         "slice; slice: each GPU receives only its slice, over its own NIC where it has one.",
     )
     bucket_bytes: int = Field(1 << 30, ge=1, description="Bytes per bucket.")
+    buckets_in_flight: int = Field(
+        2,
+        ge=2,
+        description="object_store relay: buckets put and not yet written by every rank, at "
+        "most (FleetConfig.buckets_in_flight). Ranks report writes one bucket late, so "
+        "buckets_in_flight - 1 travel the relay chain at once; a longer chain waits.",
+    )
     piece_bytes: int = Field(16 * MiB, ge=1, description="Bytes per piece of a bucket.")
     trainer_nodes: int = Field(
         1, ge=1, description="Nodes the trainer sends from, each its 1/trainer_nodes of the model."
@@ -158,7 +183,9 @@ class Constants(FrozenModel):
     source: str = Field("assumed (not yet fitted)", description="Where these numbers come from.")
 
 
-# Not measured: assumptions until shaped-network runs are fitted (docs/scale.md says why each).
+# Not measured: what we assume for GPUs (NCCL over InfiniBand, Ray on GPU nodes), and what
+# `plan` estimates with. Constants fitted to the shaped CPU runs describe the bench machine
+# instead and are shown apart (docs/scale.md says why each value).
 ASSUMED = MappingProxyType({
     "collective": Constants(link_efficiency=0.85, piece_latency_s=50e-6,
                             bucket_overhead_s=1e-3, update_fixed_s=0.3),
@@ -209,7 +236,7 @@ def features(x: PlanInputs) -> Features:
     `estimate` prices and `fit` regresses on)."""
     t = TRANSPORTS[x.transport]
     m, n, g = x.model_bytes, x.nodes, x.gpus_per_node
-    nic = x.link_gbit * GB / 8
+    nic = x.link_gbit * GB / 8 * x.payload_share
     rails = x.nics_per_node if t.all_nics else 1
     local = 1 / n if x.colocated else 0.0  # share of the model already on each node
     # Distinct bytes a node's GPUs hold: the model, or (slices, a replica over several nodes)
@@ -232,12 +259,6 @@ def features(x: PlanInputs) -> Features:
         intra = max(0.0, need - own_nic - m * local / g)
     else:
         intra = need
-    stages = {  # ties name the first: a node's ingress before the trainer's egress
-        "node ingress": ingress / (nic * rails),
-        "trainer egress": egress / (nic * rails),
-        "intra-node fan-out": intra / (x.intra_gbyte * GB),
-    }
-    bottleneck = max(stages, key=stages.get)
     if t.ray_objects:
         piece, bucket = RAY_CHUNK, (m if t.star else x.bucket_bytes)
     else:
@@ -247,6 +268,23 @@ def features(x: PlanInputs) -> Features:
     else:
         hops = 1 if t.star else (n - 1 if x.colocated else n)
         rail_bw, chain, rails_used = nic, ingress, rails
+    fill_unit, wait = piece, 0.0
+    if t.whole_buckets and t.network and chain > 0:
+        # Store and forward: a node hands a bucket on once it holds all of it, so the pipeline
+        # fills bucket by bucket. The trainer puts bucket j once every rank has reported j - w
+        # written, and a rank reports that when it asks for j - w + 2 (just after fetching
+        # j - w + 1): after the first w buckets, only c = w - 1 travel the chain at once. With
+        # more hops than c, each c buckets take a trip down the chain (hops bucket-times)
+        # instead of c bucket-times: (k - 1 - c) buckets wait (hops/c - 1) bucket-times each.
+        fill_unit = min(bucket, chain / rails_used)
+        k, c = chain / (rails_used * fill_unit), x.buckets_in_flight - 1
+        wait = max(0.0, k - 1 - c) * max(0.0, hops / c - 1) * fill_unit / rail_bw
+    stages = {  # ties name the first: a node's ingress before the trainer's egress
+        "node ingress": ingress / (nic * rails) + wait,
+        "trainer egress": egress / (nic * rails),
+        "intra-node fan-out": intra / (x.intra_gbyte * GB),
+    }
+    bottleneck = max(stages, key=stages.get)
     pieces = math.ceil(chain / (rails_used * piece))
     trainer_gpus = x.gpus if x.colocated else (x.trainer_gpus or x.trainer_nodes * g)
     stage_bw = x.h2d_gbyte if (t.lands_on_host or x.source == "host") else x.write_gbyte
@@ -256,7 +294,7 @@ def features(x: PlanInputs) -> Features:
         write=x.share_bytes / (write_bw * GB),
         delay=hops * x.delay_s,
         stream=stages[bottleneck],
-        fill=max(0, hops - 1) * piece / rail_bw,
+        fill=max(0, hops - 1) * fill_unit / rail_bw,
         pieces=pieces + max(0, hops - 1) if pieces else 0,
         buckets=math.ceil(m / bucket),
         bottleneck=bottleneck,
@@ -277,7 +315,7 @@ def floor_s(x: PlanInputs) -> float:
     (less its local shard), over all its NICs; the trainer nodes send the model once.
     """
     m, n, g = x.model_bytes, x.nodes, x.gpus_per_node
-    node_bw = x.link_gbit * GB / 8 * x.nics_per_node
+    node_bw = x.link_gbit * GB / 8 * x.payload_share * x.nics_per_node
     parts = [x.share_bytes / (max(x.write_gbyte, x.h2d_gbyte) * GB)]
     if TRANSPORTS[x.transport].network:
         local = 1 / n if x.colocated else 0.0
