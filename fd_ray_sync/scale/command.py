@@ -24,6 +24,7 @@ from fd_ray_sync.scale.model import (
 from fd_ray_sync.scale.report import (
     measured_table,
     print_estimate,
+    print_fitted,
     published_table,
     variants_table,
 )
@@ -49,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=list(TRANSPORTS), default="collective")
     p.add_argument("--delivery", choices=["full", "slice"], default="full")
     p.add_argument("--bucket-mb", type=float, default=1024.0, help="MiB a bucket")
+    p.add_argument(
+        "--buckets-in-flight", type=int, default=2,
+        help="object_store relay: buckets on their way at once (FleetConfig.buckets_in_flight)",
+    )  # fmt: skip
     p.add_argument("--piece-mb", type=float, default=16.0, help="MiB a piece (collective, ipc)")
     p.add_argument("--trainer-nodes", type=int, default=1, help="nodes the trainer sends from")
     p.add_argument("--trainer-gpus", type=int, default=None, help="trainer GPUs staging bytes")
@@ -62,10 +67,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"bench --nodes JSON files or globs to fit and compare (default: {DEFAULT_MEASURED})",
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--assumed", action="store_true",
-        help="estimate with the assumed constants even where measured runs were fitted (the "
-        "measured table still uses the fitted ones)",
+        help="estimate with the assumed (GPU) constants: the default",
+    )  # fmt: skip
+    which.add_argument(
+        "--fitted", action="store_true",
+        help="estimate with the constants fitted to the measured runs instead (CPU gloo and "
+        "Ray over shaped links on the bench machine, not NCCL on GPUs); the measured table "
+        "always uses the fitted ones",
     )  # fmt: skip
     p.add_argument("--json", default=None, help="also write everything to this file")
 
@@ -79,6 +90,7 @@ def _inputs_from_args(args) -> PlanInputs:
             intra_gbyte=args.intra_gbyte, write_gbyte=args.write_gbyte, h2d_gbyte=args.h2d_gbyte,
             transport=args.transport, delivery=args.delivery,
             bucket_bytes=int(args.bucket_mb * MiB), piece_bytes=int(args.piece_mb * MiB),
+            buckets_in_flight=args.buckets_in_flight,
             trainer_nodes=args.trainer_nodes, trainer_gpus=args.trainer_gpus,
             colocated=args.colocated, source=args.source, delay_s=args.delay_ms / 1e3,
         )  # fmt: skip
@@ -95,13 +107,20 @@ def run_from_args(args) -> int:
         got, said = load_measured(f)
         runs, notes = runs + got, notes + said
     fitted = fit(runs)
+    # The fitted constants describe the bench machine (CPU processes, gloo and Ray over shaped
+    # veth links), not NCCL on GPUs: the estimate keeps the assumed ones unless asked.
     constants = _override_fixed({**ASSUMED, **fitted}, args.fixed_s)
-    chosen = _override_fixed(ASSUMED, args.fixed_s) if args.assumed else constants
+    chosen = constants if args.fitted else _override_fixed(ASSUMED, args.fixed_s)
     est = estimate(x, chosen[x.transport])
     print_estimate(x, est)
     table_of_variants = variants_table(x, chosen)
     table_of_published = published_table(chosen)
-    table_of_measured = measured_table(runs, constants, len(files))
+    print_fitted(fitted, args.fitted)
+    held_out = {
+        f: _override_fixed(fit([r for r in runs if r.file != f]), args.fixed_s)
+        for f in {r.file for r in runs}
+    }
+    table_of_measured = measured_table(runs, constants, len(files), held_out)
     if not runs and not explicit:
         print(f"\nno measured runs ({DEFAULT_MEASURED} matched nothing): constants are assumed")
     for note in notes:

@@ -26,8 +26,8 @@ TERM_ABOUT = MappingProxyType(
     {
         "fixed": "per update: transaction phases (prepare, pause, verify, commit)",
         "stage": "trainer copies its bytes into send buffers",
-        "stream": "the pipeline's slowest network/fan-out stage",
-        "fill": "pipeline fill: (hops - 1) pieces, plus per-hop delay",
+        "stream": "the pipeline's slowest network/fan-out stage (relay: with its window waits)",
+        "fill": "pipeline fill: (hops - 1) pieces (relay: buckets), plus per-hop delay",
         "pieces": "piece latency x (pieces + hops - 1)",
         "buckets": "bucket overhead x buckets",
         "write": "each rank's copy into its parameters",
@@ -49,6 +49,10 @@ def variants(x: PlanInputs) -> list[tuple[str, PlanInputs]]:
             _with(x, transport="collective", delivery="full", nics_per_node=1),
         ),
         ("object_store relay", _with(x, transport="object_store", delivery="full")),
+        (
+            f"object_store relay, {x.nodes + 1} in flight",
+            _with(x, transport="object_store", delivery="full", buckets_in_flight=x.nodes + 1),
+        ),
         ("naive_ray", _with(x, transport="naive_ray", delivery="full")),
     ]
 
@@ -79,25 +83,68 @@ def published_table(constants: Mapping[str, Constants]) -> list[dict]:
     return out
 
 
-def measured_table(runs: Sequence[MeasuredRun], constants, files: int) -> list[dict]:
-    """Each measured run next to its prediction (and the bytes the trainer's node sent)."""
+def constants_text(c: Constants) -> str:
+    return (
+        f"constants, {c.source}: link efficiency {c.link_efficiency:.3g}, piece latency "
+        f"{c.piece_latency_s * 1e6:.3g} us, bucket overhead {c.bucket_overhead_s * 1e3:.3g} ms, "
+        f"update fixed {c.update_fixed_s:.3g} s"
+    )
+
+
+def print_fitted(fitted: Mapping[str, Constants], used: bool) -> None:
+    """The fitted constants, labelled as what they are: the bench machine's, not a GPU's."""
+    if not fitted:
+        return
+    print(
+        "\nfitted constants: CPU processes on the bench machine, gloo and Ray over tbf-shaped "
+        "veth links, efficiency against the TCP payload rate; they describe that machine, not "
+        "NCCL on InfiniBand"
+        + ("" if used else " (the estimate above uses the assumed ones; --fitted to use these)")
+    )
+    for transport, c in fitted.items():
+        print(f"  {transport:12s} {constants_text(c)}")
+
+
+def measured_table(
+    runs: Sequence[MeasuredRun],
+    constants: Mapping[str, Constants],
+    files: int,
+    held_out: Mapping[str, Mapping[str, Constants]],
+) -> list[dict]:
+    """Each measured run next to its prediction, the ratio, the ratio to a prediction from
+    constants fitted without its file (`held_out`, by file; "-" where the other files have
+    no run of its transport), and the bytes the trainer's node sent."""
     if not runs:
         return []
     out = []
     print(f"\nmeasured vs. predicted ({len(runs)} run(s) from {files} file(s)):")
     print(
-        f"  {'file':34s} {'nodes':>5s} {'method':20s} {'link':>6s} {'measured':>9s} "
-        f"{'predicted':>9s} {'ratio':>6s}  trainer sent x model (predicted)"
+        f"  {'file':34s} {'nodes':>5s} {'method':20s} {'link':>6s} {'floor':>7s} "
+        f"{'measured':>9s} {'predicted':>9s} {'ratio':>6s} {'held-out':>8s}  "
+        "trainer sent x model (predicted)"
     )
     for r in runs:
         e = estimate(r.inputs, constants[r.inputs.transport])
+        other = held_out.get(r.file, {}).get(r.inputs.transport)
+        held = None if other is None else estimate(r.inputs, other)
+        held_text = "-" if held is None else f"{r.seconds / held.seconds:.2f}"
         sent, model = r.trainer_sent_bytes, e.bytes["model"]
         egress = e.bytes["egress_per_trainer_node"] / model
         sent_text = "" if sent is None else f"{sent / model:.2f} ({egress:.2f})"
-        out.append({**r.model_dump(), "predicted": e.model_dump()})
+        if not r.fittable():
+            sent_text += " re-sent: not fitted"
+        out.append(
+            {
+                **r.model_dump(),
+                "predicted": e.model_dump(),
+                "held_out_predicted": None if held is None else held.model_dump(),
+                "fitted": r.fittable(),
+            }
+        )
         print(
             f"  {Path(r.file).name:34s} {r.nodes:5d} {r.method:20s} {r.inputs.link_gbit:5g}G "
-            f"{r.seconds:8.3f}s {e.seconds:8.3f}s {r.seconds / e.seconds:6.2f}  {sent_text}"
+            f"{e.floor_s:6.3f}s {r.seconds:8.3f}s {e.seconds:8.3f}s {r.seconds / e.seconds:6.2f} "
+            f"{held_text:>8s}  {sent_text}"
         )
     return out
 
@@ -123,14 +170,11 @@ def print_estimate(x: PlanInputs, e: Estimate) -> None:
         trainer = "colocated (shards on every rank node)"
     print(
         f"  transport {x.transport} ({t.about}), delivery {x.delivery}, bucket "
-        f"{x.bucket_bytes / MiB:g} MiB, piece {x.piece_bytes / MiB:g} MiB; trainer {trainer}, "
-        f"weights on {x.source}"
+        f"{x.bucket_bytes / MiB:g} MiB, piece {x.piece_bytes / MiB:g} MiB"
+        + (f" ({x.buckets_in_flight} buckets in flight)" if t.whole_buckets else "")
+        + f"; trainer {trainer}, weights on {x.source}"
     )
-    print(
-        f"  constants, {c.source}: link efficiency {c.link_efficiency:.3g}, piece latency "
-        f"{c.piece_latency_s * 1e6:.3g} us, bucket overhead {c.bucket_overhead_s * 1e3:.3g} ms, "
-        f"update fixed {c.update_fixed_s:.3g} s"
-    )
+    print(f"  {constants_text(c)}")
     print(
         f"\nestimate {e.seconds:.2f} s (bandwidth floor {e.floor_s:.2f} s; bottleneck: "
         f"{e.bottleneck})"

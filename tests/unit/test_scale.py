@@ -254,12 +254,22 @@ def test_plan_prints_the_estimate_and_the_published_table(tmp_path, capsys, monk
     assert [p["name"] for p in doc["published"]] == [p.name for p in scale.PUBLISHED]
 
 
+def _estimate_constants(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("  constants, "))
+
+
 def test_plan_fits_measured_files_and_compares_each_run(tmp_path, capsys):
     files = _bench_files(tmp_path)
     assert cli.main(["plan", "--measured", *files[:3]]) == 0
     out = capsys.readouterr().out
+    # The headline stays on the assumed GPU constants; the fitted ones are shown apart.
+    assert _estimate_constants(out).startswith("  constants, assumed (not yet fitted)")
+    assert "fitted constants: CPU processes on the bench machine" in out
     assert "constants, fitted to 9 run(s)" in out
     assert "measured vs. predicted (27 run(s) from 3 file(s))" in out
+    assert cli.main(["plan", "--fitted", "--measured", *files[:3]]) == 0
+    out = capsys.readouterr().out
+    assert _estimate_constants(out).startswith("  constants, fitted to 9 run(s)")
     assert cli.main(["plan", "--assumed", "--measured", *files[:3]]) == 0
     out = capsys.readouterr().out
     assert "constants, assumed (not yet fitted)" in out  # the estimate's
