@@ -305,7 +305,9 @@ class PlacementMixin:
         self.log.info("restoring replica %d (source%s)", replica, spec.where)
         self._phase("restore", lambda a: a.restart.remote(), ranks)
         try:
-            prepared = self._phase("restore", lambda a: a.prepare.remote(spec), ranks)
+            # Checked while copying: the replica does not serve until the restore passed,
+            # so bytes that fail their check cost nothing but this replica staying down.
+            prepared = self._phase("restore", lambda a: a.prepare.remote(spec, True), ranks)
         except RankFailed as e:
             raise RestoreError(
                 f"replica {replica}: the committed source is refused now: {e}"
