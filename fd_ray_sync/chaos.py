@@ -16,12 +16,13 @@ import random
 import signal
 import threading
 import time
+from typing import Literal
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from fd_ray_sync.checksum import fingerprint
-from fd_ray_sync.config import FleetConfig
+from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.fleet import Fleet
@@ -44,6 +45,9 @@ class ChaosConfig(BaseModel):
     phase_timeout_s: float = Field(30.0, gt=0)
     tokens: int = Field(8, ge=1)
     seed: int = 0
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="How updates reach the ranks (LoadConfig.load_strategy)."
+    )
 
 
 class ChaosReport(BaseModel):
@@ -218,6 +222,7 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
             dp=cfg.dp,
             tp=cfg.tp,
             phase_timeout_s=cfg.phase_timeout_s,
+            load=LoadConfig(load_strategy=cfg.transport),
         )
     )
     try:

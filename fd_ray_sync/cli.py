@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--kill-interval", type=float, default=6.0, help="mean seconds")
     chaos.add_argument("--no-coordinator-kill", action="store_true")
     chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument(
+        "--transport", default="object_store", choices=["object_store", "collective"]
+    )
     chaos.add_argument("--json", default=None, help="also write the figures to this file")
 
     from fd_ray_sync import bench
@@ -206,9 +209,11 @@ def cmd_chaos(args) -> int:
         kill_interval_s=args.kill_interval,
         kill_coordinator=not args.no_coordinator_kill,
         seed=args.seed,
+        transport=args.transport,
     )
     print(
-        f"chaos: {cfg.updates} updates on dp={cfg.dp} x tp={cfg.tp}, a rank killed every "
+        f"chaos: {cfg.updates} updates over {cfg.transport} on dp={cfg.dp} x tp={cfg.tp}, "
+        "a rank killed every "
         f"~{cfg.kill_interval_s:g}s" + (", the coordinator once" if cfg.kill_coordinator else "")
     )
     report = run_chaos(cfg)

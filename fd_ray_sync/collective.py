@@ -109,17 +109,18 @@ class _Waiter:
 
     def __init__(self, wait: Callable[[], object]):
         self.error: BaseException | None = None
+        self.value: object = None
         self._wait = wait
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            self._wait()
+            self.value = self._wait()
         except BaseException as e:  # noqa: BLE001 - raised by `result`
             self.error = e
 
-    def result(self, what: str, timeout_s: float, aborted: Aborted) -> None:
+    def result(self, what: str, timeout_s: float, aborted: Aborted) -> object:
         deadline = time.monotonic() + timeout_s
         while self.thread.is_alive():
             self.thread.join(POLL_S)
@@ -131,6 +132,7 @@ class _Waiter:
                 raise StateError(f"{what}: no progress within {timeout_s:g}s")
         if self.error is not None:
             raise StateError(f"{what}: {type(self.error).__name__}: {self.error}") from None
+        return self.value
 
 
 class SyncGroup:
@@ -240,9 +242,11 @@ _lock = threading.Lock()
 _joined: dict[str, SyncGroup] = {}
 
 
-def join(info: GroupInfo, rank: int, host: str) -> SyncGroup:
+def join(info: GroupInfo, rank: int, host: str, aborted: Aborted) -> SyncGroup:
     """This rank's membership of `info`'s group: the one kept from an earlier update, or a
-    new one (blocks until every member joined); a group under another key is left."""
+    new one (waits until every member joined, or the update was given up: a peer that died
+    before joining would otherwise hold everyone until the group's timeout); a group under
+    another key is left."""
     with _lock:
         group = _joined.get(info.key)
         if group is not None:
@@ -250,7 +254,8 @@ def join(info: GroupInfo, rank: int, host: str) -> SyncGroup:
         for old in _joined.values():
             old.close()
         _joined.clear()
-        group = SyncGroup(info, info.member_of(rank), host)
+        forming = _Waiter(lambda: SyncGroup(info, info.member_of(rank), host))
+        group = forming.result(f"joining weight-sync group {info.key}", info.timeout_s, aborted)
         _joined[info.key] = group
         return group
 

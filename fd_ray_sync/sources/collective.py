@@ -82,7 +82,7 @@ class CollectiveSource(BucketStreamSource):
         if spec.group is None:
             raise StateError("a collective update without its weight-sync group")
         self.spec = spec
-        self.group = collective.join(spec.group, rank, host)  # blocks until all joined
+        self.group = collective.join(spec.group, rank, host, self._aborted)  # all, or none
         self.buffers = self.group.buffers(SLOTS, spec.slot_bytes)
         self.arrivals: dict[int, _Arrival] = {}
 
