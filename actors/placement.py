@@ -260,25 +260,58 @@ class PlacementMixin:
         if self._committed is not None and not self._cleared:
             self._load_committed(replica)
 
+    def _export(self, replica: int) -> dict[int, tuple[tuple, list]]:
+        """Start copying `replica`'s weights into its node's store: rank -> (bucket metas,
+        refs of the buckets being copied). The refs are this coordinator's (returned by
+        its calls), so the copy outlives the exporting processes."""
+        ranks = self._replica_ranks(replica)
+        layouts = self._phase("export", lambda a: a.export_layout.remote(self.version), ranks)
+        return {
+            r: (
+                layouts[r],
+                [self.ranks[r].export_bucket.remote(self.version, i) for i in range(len(metas))],
+            )
+            for r, metas in layouts.items()
+        }
+
+    def _peer_spec(self, replica: int, export: dict[int, tuple[tuple, list]]) -> PeerSpec:
+        ranks = self._replica_ranks(replica)
+        return PeerSpec(
+            self.version,
+            replica=replica,
+            metas=tuple(export[r][0] for r in ranks),
+            refs=tuple(tuple(export[r][1]) for r in ranks),
+        )
+
     def _from_peer(self, replica: int) -> TransportSpec | None:
         """The committed version as a serving replica's ranks export it (the first that
-        can), or None when no other replica serves it."""
+        can, other than `replica`), or None when no other replica serves it."""
         for peer in range(self.config.dp):
             if peer == replica or not self._ok[peer]:
                 continue
-            ranks = self._replica_ranks(peer)
             try:
-                out = self._phase("export", lambda a: a.export.remote(self.version), ranks)
+                return self._peer_spec(peer, self._export(peer))
             except RankFailed as e:
                 self.log.warning("replica %d cannot export its weights: %s", peer, e)
-                continue
-            return PeerSpec(
-                self.version,
-                replica=peer,
-                metas=tuple(out[r][0] for r in ranks),
-                refs=tuple(out[r][1] for r in ranks),
-            )
         return None
+
+    def _kept_copy(self) -> TransportSpec | None:
+        """The rollback copy replica 0 exported after the commit (transports whose data the
+        trainer reuses), or None when there is none or it is lost."""
+        if self._keep is None or self._keep[0] != self.version:
+            return None
+        version, export = self._keep
+        spec = self._peer_spec(0, export)
+        try:  # the copies finished (they ran right after the commit)
+            ray.get(
+                [ref for refs in spec.refs for ref in refs], timeout=self.config.phase_timeout_s
+            )
+        except Exception as e:  # noqa: BLE001 - no copy: the caller says so
+            self.log.warning("the rollback copy of version %s is lost: %s", version, e)
+            self._keep = None
+            return None
+        self._committed = spec
+        return spec
 
     def _load_committed(self, replica: int) -> None:
         """Load the committed version into a replica, verified like an update: each rank's
@@ -291,6 +324,8 @@ class PlacementMixin:
         spec = None if self._cleared else self._from_peer(replica)
         if spec is None:
             spec = self._committed
+            if spec is not None and not spec.restorable:
+                spec = self._kept_copy() or spec
         if self._cleared or spec is None or not spec.restorable:
             why = (
                 "the fleet was cleared"

@@ -316,6 +316,15 @@ class TransactionMixin:
         self._ok = [True] * self.config.dp
         self._down.clear()
         self._cleared = False
+        self._keep = None
+        if self.config.keep_committed and not self._committed.restorable:
+            # ipc, collective: the trainer's buffers are reused. Replica 0's ranks copy
+            # their slices into their own node's store as the rollback copy, after this
+            # returns (their next tasks; nobody waits for them unless a restore needs it).
+            try:
+                self._keep = (loaded, self._export(0))
+            except RankFailed as e:  # a restore then needs a serving replica
+                self.log.warning("no rollback copy of version %s: %s", loaded, e)
         report = UpdateReport(
             version=loaded,
             nbytes=sent or sum(r.nbytes for r in reports.values()),

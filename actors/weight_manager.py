@@ -10,6 +10,7 @@ before it serves again.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 import ray
 
 from fd_ray_sync import shm
-from fd_ray_sync.buckets import iter_buckets
+from fd_ray_sync.buckets import BucketMeta, plan_parts
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
@@ -26,10 +27,11 @@ from fd_ray_sync.errors import PartialUpdateError, StateError, VersionError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
-from fd_ray_sync.messages import LoadReport, PrepareReport
-from fd_ray_sync.params import read_param
+from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
+from fd_ray_sync.params import param_dtype, param_shape, read_param
 from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
+from fd_ray_sync.tensors import contiguous, storage_dtype
 
 EngineFactory = Callable[[ParallelConfig, CommGroups], InferenceEngine]
 
@@ -62,6 +64,7 @@ class WeightManagerActor:
         self.committed: TransportSpec | None = None
         self.committed_fingerprints: dict[int, str | None] = {}
         self._watch: AnonPeak | None = None
+        self._export: list[list[str]] = []  # parameter names of each exported bucket
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -191,21 +194,43 @@ class WeightManagerActor:
         if m.kv_cache_status != KVCacheStatus.NORMAL:
             self._engine().alloc_kv_cache()
 
-    def export(self, version: str) -> tuple[tuple, tuple]:
-        """This rank's parameters as buckets in its node's object store (metas, refs), for
-        a peer replica's restore (`fd_ray_sync.sources.peer`): only while serving `version`."""
+    def export_layout(self, version: str) -> tuple[BucketMeta, ...]:
+        """How `export_bucket` groups this rank's parameters (names, local shapes, dtypes;
+        no data read), for a peer replica's restore (`fd_ray_sync.sources.peer`): only
+        while serving `version`."""
         m = self._manager()
         if m.status != ModelWeightsStatus.NORMAL or m.version != version:
             raise StateError(
                 f"rank {self.rank} cannot export version {version}: weights {m.status.name}, "
                 f"version {m.version}"
             )
-        metas, refs = [], []
-        named = ((name, read_param(p)) for name, p in m.params.items())
-        for meta, arrays in iter_buckets(named, self.load.bucket_bytes, checksum=True):
-            metas.append(meta)
-            refs.append(ray.put(arrays))
-        return tuple(metas), tuple(refs)
+        sizes = {
+            n: math.prod(param_shape(p)) * storage_dtype(param_dtype(p)).itemsize
+            for n, p in m.params.items()
+        }
+        self._export = []
+        metas = []
+        for i, names in enumerate(plan_parts(sizes, self.load.bucket_bytes)):
+            self._export.append(names)
+            tensors = tuple(
+                TensorMeta(
+                    name=n,
+                    shape=param_shape(m.params[n]),
+                    dtype=param_dtype(m.params[n]),
+                    nbytes=sizes[n],
+                )
+                for n in names
+            )
+            metas.append(BucketMeta(index=i, tensors=tensors))
+        return tuple(metas)
+
+    def export_bucket(self, version: str, index: int) -> list:
+        """Bucket `index` of the layout: its parameters' values. Returned, not put, so the
+        caller owns the object (it outlives this process, which a restore may rebuild)."""
+        m = self._manager()
+        if m.version != version:
+            raise StateError(f"rank {self.rank} holds version {m.version}, not {version}")
+        return [contiguous(read_param(m.params[n])) for n in self._export[index]]
 
     # --- serving -------------------------------------------------------------------------
 

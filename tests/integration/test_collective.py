@@ -78,8 +78,11 @@ def test_a_refused_update_changes_nothing_and_the_next_one_forms_a_new_group(fle
 
 
 def test_a_rank_killed_mid_write_aborts_and_the_fleet_rolls_back(fleet, tmp_path):
+    """Every replica writes a collective update at once, so none is left untouched to
+    restore from: they roll back to the copy replica 0's ranks exported after the last
+    commit (keep_committed), which the trainer never held."""
     state = init_full_state_dict(TINY, seed=6)
-    over_object_store(fleet).update(state, version=6)  # kept: a restore can reload it
+    fleet.update(state, version=6)
     errors = kill_rank0_mid_write(
         fleet, tmp_path, lambda: fleet.update(init_full_state_dict(TINY, seed=7), version=7)
     )
