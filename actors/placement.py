@@ -21,6 +21,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.weight_manager import WeightManagerActor
+from fd_ray_sync import metrics
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, RestoreError, StateError
 from fd_ray_sync.sources import TransportSpec
 from fd_ray_sync.sources.peer import PeerSpec
@@ -225,6 +226,7 @@ class PlacementMixin:
                 self.log.warning("replica %d did not form (%s); try %d", replica, e, attempt + 1)
                 for rank in ranks:
                     ray.kill(self.ranks[rank], no_restart=False)
+                metrics.rank_restart(self.config.name, replica, len(ranks))
 
     def _await_alive(self, rank: int, deadline: float) -> str:
         while True:
@@ -256,6 +258,7 @@ class PlacementMixin:
         self.log.warning("rebuilding replica %d (ranks %s)", replica, ranks)
         for rank in ranks:
             ray.kill(self.ranks[rank], no_restart=False)
+        metrics.rank_restart(self.config.name, replica, len(ranks))
         self._form_replica(replica)
         if self._committed is not None and not self._cleared:
             self._load_committed(replica)
@@ -380,6 +383,8 @@ class PlacementMixin:
         self._ok[replica] = True
         self._down.pop(replica, None)
         self.restore_s[replica] = time.perf_counter() - started
+        metrics.phase_seconds(self.config.name, "restore", self.restore_s[replica])
+        metrics.committed_version(self.config.name, replica, spec.version)
 
     def _replica_down(self, replica: int, error: Exception) -> None:
         self._ok[replica] = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ray
 
+from fd_ray_sync import metrics
 from fd_ray_sync.errors import RankFailed, StateError, VerificationError
 from fd_ray_sync.messages import GenerationResult
 
@@ -31,7 +32,20 @@ class ServingMixin:
 
         A replica with a rank Ray restarted (or that dies during the request) is rebuilt,
         loading the committed version, and the request runs there again (or once more).
+        Each call counts once in `fd_ray_sync_requests`, served or failed. (None counts as
+        paused yet: a request that arrives during an update waits for it, refused by no gate.)
         """
+        try:
+            results = self._generate(prompts, max_new_tokens, replica)
+        except Exception:
+            metrics.requests(self.config.name, "failed")
+            raise
+        metrics.requests(self.config.name, "served")
+        return results
+
+    def _generate(
+        self, prompts: list[str], max_new_tokens: int, replica: int | None
+    ) -> list[GenerationResult]:
         for attempt in (0, 1):
             chosen = self._pick_replica(replica)
             ranks = self._replica_ranks(chosen)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import ray
 
 from actors.placement import RANK_LOST
+from fd_ray_sync import metrics
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.errors import (
     PartialUpdateError,
@@ -233,9 +234,11 @@ class TransactionMixin:
 
         def timed(name, call, on_failure=None):
             t = time.perf_counter()
-            out = self._phase(name, call, on_failure=on_failure)
-            phase_s[name] = time.perf_counter() - t
-            return out
+            try:
+                return self._phase(name, call, on_failure=on_failure)
+            finally:  # a failed phase counts too, up to its failure (a refusal, a timeout)
+                phase_s[name] = time.perf_counter() - t
+                metrics.phase_seconds(self.config.name, name, phase_s[name])
 
         # 1. begin: the version must be valid and new (a snapshot may name it in version.yaml);
         # a replica that lost a rank while idle is rebuilt first.
@@ -283,7 +286,7 @@ class TransactionMixin:
             if feed is not None:
                 feed.wait_end(self.config.phase_timeout_s)
                 expected = feed.expected
-            sent = spec.nbytes
+            sent, transport = spec.nbytes, spec.transport  # as sent: `received` may differ
             if spec.streaming:  # what the ranks received, to restore it later
                 spec = spec.received(feed)
             # 7. verify: every parameter loaded, fingerprints as the trainer computed them.
@@ -316,6 +319,8 @@ class TransactionMixin:
         self._ok = [True] * self.config.dp
         self._down.clear()
         self._cleared = False
+        for replica in range(self.config.dp):
+            metrics.committed_version(self.config.name, replica, loaded)
         self._keep = None
         if self.config.keep_committed and not self._committed.restorable:
             # ipc, collective: the trainer's buffers are reused. Replica 0's ranks copy
@@ -333,6 +338,7 @@ class TransactionMixin:
             ranks=tuple(reports[r] for r in sorted(reports)),
             fingerprints=fingerprints,
         )
+        metrics.update_bytes(self.config.name, transport, report.nbytes)
         self.log.info(
             "committed version %s in %.3fs (%s)",
             loaded,
@@ -379,6 +385,7 @@ class TransactionMixin:
         checked against the committed fingerprints); a replica that cannot be stays down,
         its reason in `status`."""
         self.log.warning("update aborted: %s", error)
+        metrics.abort(self.config.name, metrics.abort_cause(error))
         lost = error.lost if isinstance(error, RankFailed) else frozenset()
         untouched = [
             r
