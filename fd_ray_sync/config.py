@@ -151,9 +151,12 @@ class FleetConfig(_Frozen):
     )
     keep_committed: bool = Field(
         True,
-        description="Keep the committed version's buckets in the object store (one model's "
-        "size) so an aborted update rolls back and a restarted rank reloads it; off, such a "
-        "replica stays down until the next update. Snapshot sources are always kept.",
+        description="Keep a copy of the committed version in the object store (one model's "
+        "size) so an aborted update rolls back even when no replica was left untouched: the "
+        "trainer's buckets (object store), or for ipc and collective updates a copy replica "
+        "0's ranks make in their node's store after the commit. Off, such a replica stays "
+        "down until the next update unless another replica serves the version (restores "
+        "read from a serving replica first). Snapshot sources are always kept.",
     )
     pipelined: bool = Field(
         True,

@@ -144,8 +144,9 @@ def test_a_restore_from_a_changed_snapshot_folder_keeps_that_replica_down(fleet,
     assert_serves(fleet, state, 70)
     # Both lost: no replica serves version 70, so each restore reads the folder, which no
     # longer holds what was committed: both stay down, saying why.
-    os.kill(pids(fleet)[1], signal.SIGKILL)
-    os.kill(pids(fleet)[3], signal.SIGKILL)
+    victims = pids(fleet)
+    os.kill(victims[1], signal.SIGKILL)
+    os.kill(victims[3], signal.SIGKILL)
     ray.get(fleet.coordinator.heal.remote())
     status = fleet.status()
     assert status["replicas_serving"] == [False, False]

@@ -130,7 +130,7 @@ def test_a_dead_rank_or_a_raising_trainer_fails_only_that_method(tmp_path):
 
 
 def test_a_hang_ends_at_the_global_timeout_with_stacks_and_the_partial_table(tmp_path):
-    args = [*CPU_SMALL, "--timeout-s", "20", "--inject-fault", "rank0:ring:hang"]
+    args = [*CPU_SMALL, "--timeout-s", "30", "--inject-fault", "rank0:ring:hang"]
     proc, report = run_check(tmp_path, args, 120)
     assert proc.returncode == 3, explain(proc)
     methods = report["methods"]
