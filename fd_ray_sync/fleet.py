@@ -402,6 +402,8 @@ class Fleet:
         def feed(expect: _Expected) -> int:
             group = end.joined(closed)
             slots = [torch.from_numpy(slot) for slot in ring.slots]
+            # NCCL sends device memory: each packed slot is copied to the trainer's GPU.
+            wire = slots if group.device == "cpu" else group.buffers(len(slots), ring.slot_bytes)
             sending: list[list] = [[] for _ in slots]
             fed = []
             for i, names in enumerate(parts):
@@ -410,7 +412,10 @@ class Fleet:
                 meta = ring.pack(i, [(n, weights[n]) for n in names], tp_plans)
                 expect.add(meta)
                 fed.append(self.coordinator.feed_bucket.remote(uid, meta, [k]))
-                sending[k] = group.send(slots[k], extent(meta), i)
+                n = extent(meta)
+                if wire is not slots:
+                    wire[k][:n].copy_(slots[k][:n])
+                sending[k] = group.send(wire[k], n, i)
             for works in sending:
                 group.wait_sent(works, closed)
             for call in fed:
