@@ -26,6 +26,7 @@ import threading
 import ray
 
 from actors.placement import PlacementMixin, rank_actor_name
+from actors.recovery import RecoveryMixin
 from actors.serving import ServingMixin
 from actors.transaction import TRAINER_POLL_S, TransactionMixin
 from actors.weight_manager import EngineFactory
@@ -38,7 +39,7 @@ __all__ = ["TRAINER_POLL_S", "CoordinatorActor", "rank_actor_name"]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
-class CoordinatorActor(PlacementMixin, TransactionMixin, ServingMixin):
+class CoordinatorActor(PlacementMixin, RecoveryMixin, TransactionMixin, ServingMixin):
     def __init__(self, config: FleetConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.config = config
