@@ -168,6 +168,11 @@ class _Run:
                 except Exception:  # noqa: BLE001 - an abort is an outcome, not a crash
                     self.report.updates_aborted += 1
                     self.wait_for_coordinator()
+            # A short run may end before the first kill landed (its status call can meet
+            # the coordinator restarting): give the killer its chance, then heal.
+            deadline = time.monotonic() + 2 * self.cfg.kill_interval_s + 30
+            while not self.report.ranks_killed and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             self.stop.set()
             for t in threads:
