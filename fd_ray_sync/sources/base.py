@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +25,23 @@ from fd_ray_sync.sharding import ShardSpec
 
 Chunk = dict[str, tuple[np.ndarray, str]]
 """A group of this rank's tensors: name -> (array, dtype string), already cut to its slice."""
+
+
+def group_chunks(
+    named: Iterable[tuple[str, np.ndarray, str]], chunk_bytes: int, what: str
+) -> Iterator[tuple[str, Chunk]]:
+    """(name, this rank's array, dtype) triples grouped into chunks of about `chunk_bytes`,
+    each labelled with `what` and its last name (for a source whose tensors are all there)."""
+    chunk: Chunk = {}
+    used = 0
+    for name, array, dtype in named:
+        chunk[name] = (array, dtype)
+        used += array.nbytes
+        if used >= chunk_bytes:
+            yield f"{what} up to {name}", chunk
+            chunk, used = {}, 0
+    if chunk:
+        yield what, chunk
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ class _Arrival:
         info = self.group.info
         what = f"bucket {self.ticket.meta.index} from {info.who(self.group.prev)}"
         self.waiter.result(what, info.timeout_s, aborted)
-        data = self.buf.cpu().numpy() if self.buf.device.type != "cpu" else self.buf.numpy()
+        used = self.buf[: extent(self.ticket.meta)]
+        data = used.cpu().numpy() if used.device.type != "cpu" else used.numpy()
         out = []
         for t in self.ticket.meta.tensors:
             raw = data[t.offset : t.offset + t.nbytes]

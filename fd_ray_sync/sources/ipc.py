@@ -30,6 +30,7 @@ from fd_ray_sync.sources.base import (
     RankContext,
     TransportSpec,
     WeightSource,
+    group_chunks,
     register_source,
 )
 from fd_ray_sync.sources.object_store import BucketStreamSource, StreamSpec
@@ -140,15 +141,10 @@ class IpcStorageSource(WeightSource):
                 raise ChecksumError(f"registered parameter {t.name!r} does not match its checksum")
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
-        chunk: Chunk = {}
-        used = 0
-        for i in range(len(self.spec.tensors)):
-            t, full = self._full(i)
-            spec = self.plan.get(t.name, REPLICATED)
-            chunk[t.name] = (take_shard(as_storage(full, t.dtype), spec), t.dtype)
-            used += t.nbytes
-            if used >= self.spec.chunk_bytes:
-                yield f"registered tensors up to {t.name}", chunk
-                chunk, used = {}, 0
-        if chunk:
-            yield "registered tensors", chunk
+        def named():
+            for i in range(len(self.spec.tensors)):
+                t, full = self._full(i)
+                spec = self.plan.get(t.name, REPLICATED)
+                yield t.name, take_shard(as_storage(full, t.dtype), spec), t.dtype
+
+        return group_chunks(named(), self.spec.chunk_bytes, "registered tensors")

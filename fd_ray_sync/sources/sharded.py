@@ -23,6 +23,7 @@ from fd_ray_sync.sources.base import (
     RankContext,
     TransportSpec,
     WeightSource,
+    group_chunks,
     register_source,
 )
 from fd_ray_sync.tensors import storage_dtype
@@ -103,23 +104,18 @@ class ShardedSource(WeightSource):
                     )
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
-        chunk: Chunk = {}
-        used = 0
-        for name, (_, dtype) in self.full.items():
-            local = self._local(name)
-            out = np.empty(local.shape, storage_dtype(dtype))
-            parts: Sequence = [
-                (box, first, self._bucket(s, b)[k])
-                for s, b, k, boxes in self._needed(name)
-                for box, first in boxes
-            ]
-            chunk[name] = (shards.assemble(out, local, parts), dtype)
-            used += out.nbytes
-            if used >= self.spec.chunk_bytes:
-                yield f"sharded parameters up to {name}", chunk
-                chunk, used = {}, 0
-        if chunk:
-            yield "sharded parameters", chunk
+        def named():
+            for name, (_, dtype) in self.full.items():
+                local = self._local(name)
+                parts: Sequence = [
+                    (box, first, self._bucket(s, b)[k])
+                    for s, b, k, boxes in self._needed(name)
+                    for box, first in boxes
+                ]
+                out = np.empty(local.shape, storage_dtype(dtype))
+                yield name, shards.assemble(out, local, parts), dtype
+
+        return group_chunks(named(), self.spec.chunk_bytes, "sharded parameters")
 
     def close(self) -> None:
         self._cache.clear()

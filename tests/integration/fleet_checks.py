@@ -62,3 +62,12 @@ def kill_rank0_mid_write(fleet, tmp_path, push: Callable[[], object]) -> list[Ra
     os.kill(victim["pid"], signal.SIGKILL)
     pusher.join(timeout=120)
     return errors
+
+
+def over_object_store(fleet):
+    """Another handle on the same fleet that pushes through the object store (the
+    committed version is then kept for restores)."""
+    from fd_ray_sync.fleet import Fleet
+
+    load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
+    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import ray
-from fleet_checks import assert_serves, kill_rank0_mid_write
+from fleet_checks import assert_serves, kill_rank0_mid_write, over_object_store
 from procs import start_driver
 
 from fd_ray_sync import collective
@@ -50,13 +50,6 @@ def test_updates_are_broadcast_bit_identical_over_one_kept_group(fleet):
     fleet.update(state, version=2)
     assert_serves(fleet, state, 2)
     assert fleet._end.info.key == key  # formed once, reused
-
-
-def over_object_store(fleet):
-    """Another handle on the same fleet that pushes through the object store (the
-    committed version is then kept for restores)."""
-    load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
-    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
 
 
 def test_a_refused_update_changes_nothing_and_the_next_one_forms_a_new_group(fleet):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from fleet_checks import assert_serves, kill_rank0_mid_write
+from fleet_checks import assert_serves, kill_rank0_mid_write, over_object_store
 from procs import start_driver
 
 from fd_ray_sync import ipc, shm
@@ -36,13 +36,6 @@ def fleet(ray_cluster):
     fleet = Fleet.launch(config)
     yield fleet
     fleet.shutdown()
-
-
-def over_object_store(fleet):
-    """Another handle on the same fleet that pushes through the object store (the
-    committed version is then kept for restores)."""
-    load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
-    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
 
 
 def my_segments():
