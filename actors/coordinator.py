@@ -2,8 +2,10 @@
 
 Every phase of an update is one round of remote calls on all ranks joined with a timeout,
 so the join is the barrier; nothing polls. One writer at a time: the actor runs one method
-at a time (status questions have their own concurrency group), so generation requests wait
-for a running update to commit or abort and never see two versions.
+at a time (status questions have their own concurrency group). Generation requests never
+pass through it: each replica's front (`actors/front.py`) serves them, and the coordinator
+closes a front's gate before it touches that replica's ranks and opens it after, so a
+request waits for a running update to commit or abort and never sees two versions.
 
 Failures: any error, timeout or dead rank aborts the update on every rank. Replicas with a
 dead or hung rank are rebuilt (their rank processes replaced, their world and groups
@@ -14,7 +16,8 @@ coordinator finds them and rebuilds its state from what the ranks report.
 The actor is one class made of three plain mixins, one per concern: `PlacementMixin`
 (`actors/placement.py`: placing, rebuilding, adopting and shutting down ranks),
 `TransactionMixin` (`actors/transaction.py`: the phases of an update and the pipelined
-feed) and `ServingMixin` (`actors/serving.py`: generation, status, clear). Their state is
+feed) and `ServingMixin` (`actors/serving.py`: the replicas' fronts and gates, status,
+clear). Their state is
 created here, in `__init__`; the mixins only read and change it.
 """
 
@@ -54,7 +57,10 @@ class CoordinatorActor(PlacementMixin, RecoveryMixin, TransactionMixin, ServingM
         self._committed: TransportSpec | None = None
         self._ok = [False] * config.dp  # replica -> serving the committed version
         self._cleared = False
-        self._next_replica = 0
+        self._fronts: list = []  # replica -> its ReplicaFrontActor (actors/front.py)
+        self._paused: str | None = None  # a user's pause mode, until resume_serving
+        self._updating = False  # a transaction holds the fronts closed ("update")
+        self._behind: set[int] = set()  # rolling: replicas still on the previous version
         self._nodes: dict[int, str] = {}  # rank -> the node it runs on
         self._pids: dict[int, int] = {}  # rank -> the process set up (a restart changes it)
         self._fingerprints: dict[int, str | None] = {}  # rank -> committed fingerprint

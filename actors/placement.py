@@ -19,6 +19,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.front import ReplicaFrontActor, front_actor_name
 from actors.weight_manager import WeightManagerActor
 from fd_ray_sync import metrics
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, StateError
@@ -53,6 +54,7 @@ class PlacementMixin:
             use_gpu = self.pgs[0].bundle_specs[0].get("GPU", 0) > 0
             self.config = self.config.model_copy(update={"use_gpu": use_gpu})
         self.ranks = [self._find_rank(rank) for rank in range(self.world)]
+        self._fronts = [self._create_front(replica) for replica in range(len(pgs))]
         states = []
         for rank in range(self.world):
             try:
@@ -69,6 +71,7 @@ class PlacementMixin:
             "restarted: adopted %d ranks, committed version %s", self.world, self.version
         )
         self.heal()
+        self._sync_fronts()
 
     def start(self) -> dict:
         """Place and create the rank actors, form each replica's world, bootstrap-load."""
@@ -82,6 +85,7 @@ class PlacementMixin:
         self._place(range(cfg.dp))
         for replica in range(cfg.dp):
             self._form_replica(replica)
+        self._sync_fronts()
         self.log.info("fleet %s up: dp=%d x tp=%d (GPUs: %s)", cfg.name, cfg.dp, cfg.tp, use_gpu)
         if cfg.load.model_dir is not None:
             self.update(SnapshotSpec(None, folder=str(cfg.load.model_dir)))
@@ -116,6 +120,7 @@ class PlacementMixin:
         self.pgs = [*self.pgs, *pgs]
         first, last = replicas.start * cfg.tp, replicas.stop * cfg.tp
         self.ranks = [*self.ranks, *(self._create_rank(r, use_gpu) for r in range(first, last))]
+        self._fronts = [*self._fronts, *(self._create_front(r) for r in replicas)]
 
     def _resize(self, dp: int) -> None:
         self._ok = (self._ok + [False] * dp)[:dp]
@@ -146,14 +151,16 @@ class PlacementMixin:
             except Exception:
                 self._remove_replicas(old)
                 raise
+            self._sync_fronts(range(old, dp))
         self.log.info("fleet %s scaled from dp=%d to dp=%d", self.config.name, old, dp)
         return {"dp": dp, "replicas_serving": list(self._ok)}
 
     def _remove_replicas(self, dp: int) -> None:
         """Kill the ranks of replicas dp.. and remove their placement groups."""
         tp, cfg = self.config.tp, self.config
-        gone = self.ranks[dp * tp :]
-        self.ranks = self.ranks[: dp * tp]
+        gone = [*self.ranks[dp * tp :], *self._fronts[dp:]]
+        self._close_gates("down", "scaled away", self.config.pause_mode, range(dp, cfg.dp))
+        self.ranks, self._fronts = self.ranks[: dp * tp], self._fronts[:dp]
         for actor in gone:
             ray.kill(actor, no_restart=True)
         for replica in range(dp, len(self.pgs)):
@@ -175,6 +182,32 @@ class PlacementMixin:
             return ray.get_actor(rank_actor_name(self.config.name, rank), self.config.namespace)
         except ValueError:
             return self._create_rank(rank, bool(self.config.use_gpu))
+
+    def _create_front(self, replica: int, attempts: int = 50):
+        """The replica's front (actors/front.py): closed until `_sync_fronts` says it
+        serves. Owned by this coordinator, so it ends with it (and with the driver's job);
+        a restarted coordinator creates the fronts anew (the old ones' names free up as
+        they die). In the replica's placement group, taking none of its resources."""
+        for _ in range(attempts):
+            try:
+                return self._front_actor(replica)
+            except ValueError:  # the name is still the dead coordinator's front's
+                time.sleep(0.1)
+        return self._front_actor(replica)
+
+    def _front_actor(self, replica: int):
+        cfg = self.config
+        return ReplicaFrontActor.options(
+            name=front_actor_name(cfg.name, replica),
+            namespace=cfg.namespace,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pgs[replica], 0),
+        ).remote(
+            cfg.name,
+            replica,
+            cfg.max_batch,
+            cfg.phase_timeout_s,
+            ray.get_runtime_context().current_actor,
+        )
 
     def _create_rank(self, rank: int, use_gpu: bool):
         return WeightManagerActor.options(
@@ -252,14 +285,16 @@ class PlacementMixin:
         """Kill every rank and remove the placement groups, found by name as well (a
         coordinator that failed to adopt them still takes them down)."""
         cfg = self.config
-        for rank in range(self.world):
+        names = [rank_actor_name(cfg.name, r) for r in range(self.world)]
+        names += [front_actor_name(cfg.name, r) for r in range(cfg.dp)]
+        for name in names:
             try:
-                ray.kill(ray.get_actor(rank_actor_name(cfg.name, rank), cfg.namespace))
+                ray.kill(ray.get_actor(name, cfg.namespace))
             except ValueError:
                 pass
-        for actor in self.ranks:
+        for actor in [*self.ranks, *self._fronts]:
             ray.kill(actor, no_restart=True)
-        self.ranks = []
+        self.ranks, self._fronts = [], []
         for replica in range(self.config.dp):
             try:
                 remove_placement_group(get_placement_group(_pg_name(self.config.name, replica)))

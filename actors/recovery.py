@@ -29,12 +29,18 @@ class RecoveryMixin:
         ranks = self._replica_ranks(replica)
         self._ok[replica] = False
         self.log.warning("rebuilding replica %d (ranks %s)", replica, ranks)
-        for rank in ranks:
-            ray.kill(self.ranks[rank], no_restart=False)
-        metrics.rank_restart(self.config.name, replica, len(ranks))
-        self._form_replica(replica)
-        if self._committed is not None and not self._cleared:
-            self._load_committed(replica)
+        # Requests in flight go back to the queue, to wait for the rebuild or go to another
+        # replica; the drain is bounded (a hung rank is killed next anyway).
+        self._close_gates("repair", "rebuilding: a rank was lost", "keep", [replica])
+        try:
+            for rank in ranks:
+                ray.kill(self.ranks[rank], no_restart=False)
+            metrics.rank_restart(self.config.name, replica, len(ranks))
+            self._form_replica(replica)
+            if self._committed is not None and not self._cleared:
+                self._load_committed(replica)
+        finally:
+            self._sync_fronts([replica], reopen=("repair",))
 
     def _export(self, replica: int) -> dict[int, tuple[tuple, list]]:
         """Start copying `replica`'s weights into its node's store: rank -> (bucket metas,
@@ -63,7 +69,7 @@ class RecoveryMixin:
         """The committed version as a serving replica's ranks export it (the first that
         can, other than `replica`), or None when no other replica serves it."""
         for peer in range(self.config.dp):
-            if peer == replica or not self._ok[peer]:
+            if peer == replica or not self._ok[peer] or peer in self._behind:
                 continue
             try:
                 return self._peer_spec(peer, self._export(peer))
@@ -155,6 +161,7 @@ class RecoveryMixin:
         self._phase("restore", lambda a: a.commit.remote(keep, self._fingerprints), ranks)
         self._ok[replica] = True
         self._down.pop(replica, None)
+        self._sync_fronts([replica])
         self.restore_s[replica] = time.perf_counter() - started
         metrics.phase_seconds(self.config.name, "restore", self.restore_s[replica])
         metrics.committed_version(self.config.name, replica, spec.version)
@@ -163,6 +170,7 @@ class RecoveryMixin:
         self._ok[replica] = False
         self._down[replica] = f"{type(error).__name__}: {error}"
         self.log.error("replica %d is down: %s", replica, self._down[replica])
+        self._sync_fronts([replica])
 
     def _lost(self, ranks: Iterable[int]) -> set[int]:
         """Those of `ranks` that are not the process this coordinator set up: dead, replaced
@@ -220,6 +228,7 @@ class RecoveryMixin:
                 self._rebuild_replica(replica)
             except Exception as e:  # noqa: BLE001 - reported; the replica stays down
                 self._replica_down(replica, e)
+        self._sync_fronts()
         return {
             "version": self.version,
             "replicas_serving": list(self._ok),

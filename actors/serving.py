@@ -1,8 +1,12 @@
-"""Serving a fleet: generation on one replica at a time, and what the fleet reports.
+"""Serving a fleet: the replicas' fronts and gates, pausing, and what the fleet reports.
 
-`ServingMixin` picks a serving replica in turn for each request (rebuilding one that lost
-a rank), answers `status` and `rank_handles` in their own concurrency group (so they answer
-while an update runs), and clears the fleet. It lives apart from placement and the update
+Requests do not pass through the coordinator: clients send them to each replica's front
+(`actors/front.py`), which serves while its gate is open. `ServingMixin` keeps every front
+told which ranks its replica has and whether it serves, closes gates before the coordinator
+touches ranks (`_close_gates`) and opens them after (`_sync_fronts`), repairs a replica a
+front reports broken, pauses and resumes serving as a user asks, answers `status` and
+`rank_handles` in their own concurrency group (so they answer while an update runs), and
+clears the fleet. It lives apart from placement and the update
 transaction; all three run on the one `CoordinatorActor` and share its state (see its
 `__init__`).
 """
@@ -11,87 +15,107 @@ from __future__ import annotations
 
 import ray
 
-from fd_ray_sync import metrics
-from fd_ray_sync.errors import RankFailed, StateError, VerificationError
-from fd_ray_sync.messages import GenerationResult
+from actors.front import check_pause_mode
 
 
 class ServingMixin:
     """Generation, status and clearing of a fleet (part of CoordinatorActor)."""
 
-    def clear(self) -> None:
-        """Free every rank's weights and KV cache; the fleet stops serving until an update."""
+    def clear(self, mode: str | None = None) -> None:
+        """Free every rank's weights and KV cache; the fleet stops serving until an update.
+        Requests in flight are drained as `mode` says (default: the fleet's pause mode)."""
+        mode = check_pause_mode(mode or self.config.pause_mode)
         self._cleared = True
         self._ok = [False] * self.config.dp
-        self._phase("clear", lambda a: a.clear.remote())
-
-    def generate(
-        self, prompts: list[str], max_new_tokens: int, replica: int | None = None
-    ) -> list[GenerationResult]:
-        """Run on every TP rank of one replica at once; results carry their version.
-
-        A replica with a rank Ray restarted (or that dies during the request) is rebuilt,
-        loading the committed version, and the request runs there again (or once more).
-        Each call counts once in `fd_ray_sync_requests`, served or failed. (None counts as
-        paused yet: a request that arrives during an update waits for it, refused by no gate.)
-        """
+        self._close_gates("down", "cleared: the fleet serves again after an update", mode)
         try:
-            results = self._generate(prompts, max_new_tokens, replica)
-        except Exception:
-            metrics.requests(self.config.name, "failed")
-            raise
-        metrics.requests(self.config.name, "served")
-        return results
+            self._phase("clear", lambda a: a.clear.remote())
+        finally:
+            self._sync_fronts()
 
-    def _generate(
-        self, prompts: list[str], max_new_tokens: int, replica: int | None
-    ) -> list[GenerationResult]:
-        for attempt in (0, 1):
-            chosen = self._pick_replica(replica)
-            ranks = self._replica_ranks(chosen)
-            if self._lost(ranks):
-                self._rebuild_lost([chosen])
-                chosen = self._pick_replica(replica)
-                ranks = self._replica_ranks(chosen)
+    # --- the fronts: each replica's gate (actors/front.py) --------------------------------
+
+    @ray.method(concurrency_group="status")
+    def fronts(self) -> list:
+        """Each replica's front, in replica order: where clients send requests."""
+        return list(self._fronts)
+
+    def _front_down(self, replica: int) -> str | None:
+        """Why `replica` does not serve (None: it serves), as its front should say."""
+        if self._ok[replica]:
+            return None
+        if self._cleared:
+            return "cleared: the fleet serves again after an update"
+        return self._down.get(replica) or (
+            "no version loaded yet: update the fleet" if self.version is None else "not serving"
+        )
+
+    def _sync_fronts(self, replicas=None, reopen: tuple[str, ...] = ()) -> None:
+        """Tell each front (of `replicas`, default all) its ranks and whether it serves;
+        lift the `reopen` reasons. Waits for every front to take it: a caller that returns
+        next has its fronts open (or closed) as it said."""
+        replicas = range(self.config.dp) if replicas is None else replicas
+        refs = []
+        for replica in replicas:
+            handles = [self.ranks[r] for r in self._replica_ranks(replica)]
+            front = self._fronts[replica]
+            refs.append(front.set_state.remote(handles, self._front_down(replica), reopen))
+        self._wait_fronts(refs)
+
+    def _close_gates(self, reason: str, why: str, mode: str, replicas=None) -> None:
+        """Close the fronts of `replicas` (default all) for `reason`; returns once no batch
+        runs on their ranks (or a front's drain timed out: the phase that follows then
+        meets the busy ranks and times out itself)."""
+        replicas = range(self.config.dp) if replicas is None else replicas
+        refs = [self._fronts[r].close.remote(reason, why, mode) for r in replicas]
+        self._wait_fronts(refs)
+
+    def _wait_fronts(self, refs: list) -> None:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.config.phase_timeout_s)
+        for ref in ready:
             try:
-                out = self._phase(
-                    "generate",
-                    lambda a: a.generate.remote(prompts, max_new_tokens),
-                    ranks,
-                    fail_fast=True,
-                )
-            except RankFailed as e:
-                if not e.lost or attempt:
-                    raise
-                try:
-                    self._rebuild_replica(chosen)
-                except Exception as e2:  # noqa: BLE001 - try another replica, if any serves
-                    self._replica_down(chosen, e2)
-                continue
-            versions = {o["version"] for o in out.values()}
-            if len(versions) != 1:
-                raise VerificationError(f"replica {chosen} ranks answered from versions {versions}")
-            first = out[ranks[0]]
-            return [
-                GenerationResult(prompt=p, text=t, version=first["version"], replica=chosen)
-                for p, t in zip(prompts, first["texts"])
-            ]
-        raise AssertionError("unreachable")
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a front restarts and asks for its state
+                self.log.warning("a front did not take its state: %s", e)
 
-    def _pick_replica(self, replica: int | None) -> int:
-        serving = [r for r in range(self.config.dp) if self._ok[r]]
-        if not serving:
-            raise StateError(
-                f"fleet {self.config.name} is not serving (version {self.version}): "
-                + ("it was cleared; update it" if self._cleared else "update it first")
-            )
-        if replica is not None:
-            if replica not in serving:
-                raise StateError(f"replica {replica} is not serving; serving: {serving}")
-            return replica
-        choice = serving[self._next_replica % len(serving)]
-        self._next_replica += 1
-        return choice
+    @ray.method(concurrency_group="status")
+    def sync_front(self, replica: int) -> None:
+        """A front created anew (after a crash) asks for its state."""
+        if replica < len(self._fronts) and self.ranks:
+            self._sync_fronts([replica], reopen=("update",) if not self._updating else ())
+
+    def repair(self, replica: int, why: str) -> None:
+        """A front lost a rank while serving: rebuild its replica if a rank is lost, then
+        tell the front whether it serves."""
+        if replica >= self.config.dp:
+            return  # scaled away meanwhile
+        self.log.warning("replica %d's front reports: %s", replica, why)
+        ranks = self._replica_ranks(replica)
+        if self._lost(ranks):
+            self._rebuild_lost([replica])
+        self._sync_fronts([replica], reopen=("repair",))
+
+    # --- pausing, as a user asks (FastDeploy's /v1/pause) --------------------------------
+
+    @ray.method(concurrency_group="status")
+    def pause_serving(self, mode: str = "wait") -> dict:
+        """Close every front until `resume` (requests wait at the gate or, in mode abort,
+        those in flight are answered "aborted"; see actors/front.py). Updates still run."""
+        check_pause_mode(mode)
+        self._paused = mode
+        refs = [f.close.remote("pause", f"paused ({mode})", mode) for f in self._fronts]
+        self._wait_fronts(refs)
+        return {"paused": True, "mode": mode}
+
+    @ray.method(concurrency_group="status")
+    def resume_serving(self) -> dict:
+        self._paused = None
+        self._wait_fronts([f.open.remote("pause") for f in self._fronts])
+        return {"paused": False}
+
+    @ray.method(concurrency_group="status")
+    def is_paused(self) -> bool:
+        return self._paused is not None
 
     def shard_plans(self) -> dict[int, dict]:
         return self._phase("shard_plan", lambda a: a.shard_plan.remote())
@@ -104,6 +128,12 @@ class ServingMixin:
                 ranks.append(ray.get(actor.status.remote(), timeout=10))
             except Exception as e:  # noqa: BLE001 - a dead rank is part of the answer
                 ranks.append({"rank": rank, "error": f"{type(e).__name__}"})
+        gates = []
+        for replica, front in enumerate(self._fronts):
+            try:
+                gates.append(ray.get(front.state.remote(), timeout=10))
+            except Exception as e:  # noqa: BLE001 - a dead front is part of the answer
+                gates.append({"replica": replica, "error": f"{type(e).__name__}"})
         # A rank Ray restarted since it was set up holds nothing: its replica does not serve
         # until the next request or update rebuilds it.
         serving, down = list(self._ok), dict(self._down)
@@ -119,14 +149,21 @@ class ServingMixin:
             "serving": any(serving),
             "replicas_serving": serving,
             "replica_errors": down,
+            # Each replica's version, as its first rank reports it (rolling updates: the
+            # replicas not yet loaded serve the previous one).
+            "replica_versions": [
+                ranks[r * self.config.tp].get("version") for r in range(self.config.dp)
+            ],
             "dp": self.config.dp,
             "tp": self.config.tp,
             "keep_committed": self.config.keep_committed,
             # What a trainer that connects needs to feed updates as this fleet expects.
             "trainer": self.config.model_dump(
-                mode="json", include={"load", "pipelined", "buckets_in_flight"}
+                mode="json", include={"load", "pipelined", "buckets_in_flight", "phase_timeout_s"}
             ),
             "update": self._update_progress(),
+            "paused": self._paused,
+            "gates": gates,
             "ranks": ranks,
         }
 

@@ -110,7 +110,8 @@ class TransactionMixin:
         with self._feeds_lock:
             feed = self._feeds.get(uid)
             if feed is None:
-                feed = self._feeds[uid] = BucketFeed(self.world, self.config.keep_committed)
+                ranks = len(self._first_replicas()) * self.config.tp  # ranks 0.. load it
+                feed = self._feeds[uid] = BucketFeed(ranks, self.config.keep_committed)
                 ended = [u for u, f in self._feeds.items() if f.closed is not None]
                 for old in ended[:-8]:  # keep a few, for late calls to find them closed
                     del self._feeds[old]
@@ -156,7 +157,8 @@ class TransactionMixin:
         """Rank -> (node, pid) of the processes the next update loads into (replicas that
         lost a rank are rebuilt first): the collective transport forms its group of them."""
         self._rebuild_lost()
-        return {r: (self._nodes[r], self._pids[r]) for r in range(self.world)}
+        ranks = len(self._first_replicas()) * self.config.tp
+        return {r: (self._nodes[r], self._pids[r]) for r in range(ranks)}
 
     def update_stream(
         self,
@@ -184,8 +186,9 @@ class TransactionMixin:
                 spec = ObjectStoreSpec(version, metas, refs)
             elif self.config.relay and spec.relayed:
                 with feed.cond:
-                    feed.node_of = dict(self._nodes)
-                    feed.source, feed.relayers = relay_plan(self._nodes, trainer_node)
+                    ranks = len(self._first_replicas()) * self.config.tp
+                    feed.node_of = {r: n for r, n in self._nodes.items() if r < ranks}
+                    feed.source, feed.relayers = relay_plan(feed.node_of, trainer_node)
             return self._transaction(spec.with_version(version), feed, force)
         except Exception as e:
             feed.close(f"the update failed: {type(e).__name__}: {e}")
@@ -229,13 +232,16 @@ class TransactionMixin:
             raise StateError("the fleet has no ranks: call start() first")
         phase_s: dict[str, float] = {}
         start = time.perf_counter()
-        everyone = set(range(self.world))
+        # Rolling mode: the transaction loads the first replicas only; `_roll` brings the
+        # others over after the commit, a few at a time, while the rest serve.
+        first = self._first_replicas()
+        everyone = {r for rep in first for r in self._replica_ranks(rep)}
         close_feed = feed.close if spec.streaming else None
 
         def timed(name, call, on_failure=None):
             t = time.perf_counter()
             try:
-                return self._phase(name, call, on_failure=on_failure)
+                return self._phase(name, call, everyone, on_failure=on_failure)
             finally:  # a failed phase counts too, up to its failure (a refusal, a timeout)
                 phase_s[name] = time.perf_counter() - t
                 metrics.phase_seconds(self.config.name, name, phase_s[name])
@@ -261,8 +267,14 @@ class TransactionMixin:
         spec = spec.with_version(loaded)
         touched: set[int] = set()  # ranks whose weights may no longer be the committed ones
         try:
-            # 3. pause: stop serving, drop requests and caches.
+            # 3. pause: close every replica's gate, its requests drained as the pause mode
+            # says (actors/front.py), then the ranks drop requests and caches.
+            self._updating = True
+            gated = time.perf_counter()
+            why = f"updating to version {loaded}"
+            self._close_gates("update", why, self.config.pause_mode, first)
             timed("pause", lambda a: a.pause.remote())
+            phase_s["pause"] = time.perf_counter() - gated  # the drain included
             # 4. clear (in-place mode only): free weights and KV cache to make room.
             if self.config.clear_before_load:
                 touched = everyone
@@ -296,7 +308,7 @@ class TransactionMixin:
             wrong = {
                 r: f"fingerprint {fingerprints[r]}, trainer expected {want}"
                 for r, want in (expected or {}).items()
-                if fingerprints.get(r) != want
+                if r in everyone and fingerprints.get(r) != want
             }
             if fp and not expected:  # no trainer figure: replicas must at least agree
                 tp = self.config.tp
@@ -315,11 +327,17 @@ class TransactionMixin:
             raise
         self.version = loaded
         self._committed = spec if self.config.keep_committed else spec.without_data()
-        self._fingerprints = fingerprints
-        self._ok = [True] * self.config.dp
-        self._down.clear()
+        # Every rank's committed fingerprint, as its TP rank's (replicas not loaded yet).
+        tp = self.config.tp
+        self._fingerprints = {r: fingerprints[r % tp] for r in range(self.world)}
+        self._behind = set(range(self.config.dp)) - set(first)
+        for replica in first:
+            self._ok[replica] = True
+            self._down.pop(replica, None)
         self._cleared = False
-        for replica in range(self.config.dp):
+        self._updating = False
+        self._sync_fronts(first, reopen=("update",))
+        for replica in first:
             metrics.committed_version(self.config.name, replica, loaded)
         self._keep = None
         if self.config.keep_committed and not self._committed.restorable:
@@ -330,6 +348,7 @@ class TransactionMixin:
                 self._keep = (loaded, self._export(0))
             except RankFailed as e:  # a restore then needs a serving replica
                 self.log.warning("no rollback copy of version %s: %s", loaded, e)
+        behind = self._roll()
         report = UpdateReport(
             version=loaded,
             nbytes=sent or sum(r.nbytes for r in reports.values()),
@@ -337,6 +356,7 @@ class TransactionMixin:
             total_s=time.perf_counter() - start,
             ranks=tuple(reports[r] for r in sorted(reports)),
             fingerprints=fingerprints,
+            replicas_down=behind,
         )
         metrics.update_bytes(self.config.name, transport, report.nbytes)
         self.log.info(
@@ -346,6 +366,46 @@ class TransactionMixin:
             ", ".join(f"{k} {v:.3f}s" for k, v in phase_s.items()),
         )
         return report
+
+    def _first_replicas(self) -> list[int]:
+        """The replicas the transaction loads: all, or in rolling mode the first
+        `rolling_replicas` (the next update's group, the collective's members)."""
+        dp = self.config.dp
+        if self.config.update_mode == "rolling":
+            return list(range(min(self.config.rolling_replicas, dp)))
+        return list(range(dp))
+
+    def _roll(self) -> dict[int, str]:
+        """Rolling mode, after the first replicas committed: the others, a few at a time,
+        close their gates (pause mode as configured), load the committed version (from a
+        replica that serves it, as a restore) and serve again, while the rest answer from
+        the version each holds. A replica that cannot take it is rebuilt on it, else stays
+        down. Returns replica -> why it is down."""
+        step = self.config.rolling_replicas
+        order = sorted(self._behind)
+        for at in range(0, len(order), step):
+            group = order[at : at + step]
+            why = f"rolling to version {self.version}"
+            self._close_gates("update", why, self.config.pause_mode, group)
+            ranks = [r for replica in group for r in self._replica_ranks(replica)]
+            for replica in group:
+                self._ok[replica] = False
+            try:
+                self._phase("pause", lambda a: a.pause.remote(), ranks)
+            except RankFailed as e:
+                self.log.warning("rolling: replicas %s did not pause: %s", group, e)
+            for replica in group:
+                try:
+                    self._load_committed(replica)
+                except Exception as e:  # noqa: BLE001 - that replica only
+                    self._replica_down(replica, e)
+                    try:
+                        self._rebuild_replica(replica)
+                    except Exception as e2:  # noqa: BLE001
+                        self._replica_down(replica, e2)
+                self._behind.discard(replica)
+            self._sync_fronts(group, reopen=("update",))
+        return {r: self._down[r] for r in range(self.config.dp) if not self._ok[r]}
 
     def _agreed_version(
         self, spec: TransportSpec, prepared: dict[int, PrepareReport], force: bool
@@ -414,3 +474,5 @@ class TransactionMixin:
                     self._rebuild_replica(replica)
                 except Exception as e2:  # noqa: BLE001
                     self._replica_down(replica, e2)
+        self._updating = False
+        self._sync_fronts(reopen=("update",))

@@ -190,6 +190,26 @@ class FleetConfig(_Frozen):
         "driver exits; off, all of it goes with the driver's job.",
     )
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
+    pause_mode: Literal["abort", "wait", "keep"] = Field(
+        "wait",
+        description="What an update's pause does to the requests a replica is serving: "
+        "abort answers them at once as aborted; wait lets them finish on the weights they "
+        "started on; keep runs them again from the start after the update, on the new "
+        "weights (actors/front.py).",
+    )
+    update_mode: Literal["all", "rolling"] = Field(
+        "all",
+        description="all: every replica pauses and loads the update in one all-or-nothing "
+        "transaction. rolling: the first `rolling_replicas` replicas run the transaction "
+        "while the others serve; then the others follow, that many at a time, each loading "
+        "the committed version from a replica that serves it (all-or-nothing per replica).",
+    )
+    rolling_replicas: int = Field(
+        1, ge=1, description="Rolling updates: replicas updated at a time."
+    )
+    max_batch: int = Field(
+        32, ge=1, description="Prompts a replica's front puts in one engine call, at most."
+    )
 
     def parallel(self, rank: int = 0) -> ParallelConfig:
         return ParallelConfig(

@@ -46,6 +46,11 @@ class RestoreError(WeightSyncError, RuntimeError):
     changed, or was never kept): that replica stays down until the next update."""
 
 
+class RequestAborted(WeightSyncError, RuntimeError):
+    """A generation request was dropped by a pause in mode abort (an update, or a user's
+    pause): nothing was answered for it; send it again."""
+
+
 class RankFailed(WeightSyncError):
     """One or more ranks failed a phase.
 

@@ -32,6 +32,7 @@ from fd_ray_sync.ipc import BucketRing, Registration, aligned
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
+from fd_ray_sync.routing import Router
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of
 from fd_ray_sync.shards import ShardSet, check_sets
 from fd_ray_sync.sources import TransportSpec
@@ -472,15 +473,36 @@ class Fleet:
         self._plans = None
         return out
 
-    def clear(self) -> None:
-        _get(self.coordinator.clear.remote())
+    def clear(self, mode: str | None = None) -> None:
+        """Free every rank's weights and KV cache; serving stops until the next update
+        (requests in flight drained as `mode` says; default FleetConfig.pause_mode)."""
+        _get(self.coordinator.clear.remote(mode))
 
     # --- serving and status --------------------------------------------------------------
 
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int = 32, replica: int | None = None
     ) -> list[GenerationResult]:
-        return _get(self.coordinator.generate.remote(list(prompts), max_new_tokens, replica))
+        """Run `prompts` on one replica (the next in turn, or `replica`), straight through
+        its front: every result carries the one committed version that produced it. While
+        an update or a pause closes every gate, the request waits for it to end."""
+        return self.router.generate(prompts, max_new_tokens, replica)
+
+    @functools.cached_property
+    def router(self) -> Router:
+        return Router(self.coordinator, self.config.name, self.config.phase_timeout_s)
+
+    def pause(self, mode: str = "wait") -> dict:
+        """Stop serving until `resume` (FastDeploy's /v1/pause): requests wait at each
+        replica's gate; `mode` says what happens to those in flight (abort, wait, keep; see
+        FleetConfig.pause_mode). Updates still run while paused."""
+        return _get(self.coordinator.pause_serving.remote(mode))
+
+    def resume(self) -> dict:
+        return _get(self.coordinator.resume_serving.remote())
+
+    def is_paused(self) -> bool:
+        return _get(self.coordinator.is_paused.remote())
 
     def status(self) -> dict:
         return _get(self.coordinator.status.remote())

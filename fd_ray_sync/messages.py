@@ -63,6 +63,11 @@ class UpdateReport(_Message):
     fingerprints: dict[int, str | None] = Field(
         description="Rank -> fingerprint of its weights (None with FleetConfig.fingerprint off)."
     )
+    replicas_down: dict[int, str] = Field(
+        default_factory=dict,
+        description="Rolling updates: replicas that could not take the version after the "
+        "first ones committed it (each rebuilt, and still down), and why.",
+    )
 
 
 class GenerationResult(_Message):

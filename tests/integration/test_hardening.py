@@ -279,7 +279,7 @@ def test_a_fleet_whose_driver_dies_leaves_no_actor_and_no_reservation(ray_cluste
     driver = start_driver(tmp_path, DRIVER, "up")
     try:
         actors, groups = _leftovers("orphan")
-        assert len(actors) == 3 and len(groups) == 1  # coordinator, 2 ranks; one replica
+        assert len(actors) == 4 and len(groups) == 1  # coordinator, 2 ranks, front; one replica
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.kill()

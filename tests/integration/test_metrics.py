@@ -82,7 +82,10 @@ def test_every_metric_reads_back_from_the_nodes_endpoint(ray_cluster):
     # Both ranks of the rebuilt replica, twice more when its world formed at the second try
     # (a killed rank can still answer the first setup call and die in it).
     assert set(got["restarts"]) == {"0"} and got["restarts"]["0"] in (2.0, 4.0, 6.0)
-    assert got["requests"] == {"served": 2.0, "failed": 1.0}  # none paused: no gate refuses
+    # Served: the two answered. Paused: each time a request met a closed gate: the one sent
+    # while the killed rank's replica was repaired (at least once), the one after clear.
+    assert got["requests"]["served"] == 2.0 and got["requests"]["paused"] >= 2.0
+    assert "failed" not in got["requests"]  # no engine call raised
 
 
 PHASES = {"prepare", "pause", "restart", "load", "verify", "commit", "restore"}
@@ -90,7 +93,7 @@ PHASES = {"prepare", "pause", "restart", "load", "verify", "commit", "restore"}
 
 def scrape_fleet(fleet: str) -> dict[str, dict[str, float]]:
     """Every metric of `fleet`, polled from the (one) node's endpoint until the last record
-    of the test (the failed request) is there."""
+    of the test (the request turned away after clear) is there."""
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     deadline = time.monotonic() + SCRAPE_S
     while True:
@@ -105,7 +108,7 @@ def scrape_fleet(fleet: str) -> dict[str, dict[str, float]]:
             "restarts": values(samples, "ray_fd_ray_sync_rank_restarts_total", fleet, "replica"),
             "requests": values(samples, "ray_fd_ray_sync_requests_total", fleet, "outcome"),
         }
-        if PHASES <= set(got["phase_count"]) and got["requests"].get("failed"):
+        if PHASES <= set(got["phase_count"]) and got["requests"].get("paused", 0) >= 2:
             return got
         assert time.monotonic() < deadline, f"metrics missing after {SCRAPE_S}s: {got}"
         time.sleep(1)
