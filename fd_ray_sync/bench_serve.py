@@ -1,8 +1,10 @@
 """`python -m fd_ray_sync.bench_serve`: requests per second as replicas grow, and while
 updates stream in (all-replica transactions side by side with rolling updates).
 
-Clients are threads of this process, each sending one request at a time through
-`Fleet.generate` (the router: straight to a replica's front). Per fleet size dp (tp=1):
+Clients are asyncio tasks of this process, each sending one request at a time through
+`Fleet.generate` (the router: straight to a replica's front), all the same prompt (an
+engine call decodes a prompt repeated in its batch once, so a batch costs about one
+prompt's arithmetic, as a batched forward pass on a GPU would). Per fleet size dp (tp=1):
 requests per second and the median latency over `--seconds`. Then, at the largest dp, a
 trainer thread pushes updates back to back for `--seconds` while the clients run, once per
 update mode: requests answered during the updates, per second, and the longest time no
@@ -20,6 +22,7 @@ Two engines, chosen with `--engine`:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import statistics
@@ -58,20 +61,25 @@ def _launch(name: str, dp: int, args, **extra):
 
 
 class Clients:
-    """`n` threads sending requests until stopped; answer times and latencies recorded."""
+    """`n` concurrent clients, each sending one request at a time until stopped (asyncio
+    tasks over the router, in a thread of their own, so hundreds cost little here); answer
+    times and latencies recorded."""
 
     def __init__(self, fleet, n: int, tokens: int):
-        self.fleet, self.tokens = fleet, tokens
+        self.router, self.n, self.tokens = fleet.router, n, tokens
         self.answers: list[tuple[float, float, str]] = []  # (time, latency, version)
         self.errors: list[str] = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run) for _ in range(n)]
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()))
 
-    def _run(self) -> None:
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._client() for _ in range(self.n)))
+
+    async def _client(self) -> None:
         while not self.stop.is_set():
             t = time.monotonic()
             try:
-                result = self.fleet.generate([PROMPT], self.tokens)[0]
+                result = (await self.router.agenerate([PROMPT], self.tokens))[0]
             except Exception as e:  # noqa: BLE001 - counted, reported
                 self.errors.append(f"{type(e).__name__}: {e}")
                 continue
@@ -79,14 +87,12 @@ class Clients:
             self.answers.append((now, now - t, result.version))
 
     def __enter__(self) -> Clients:
-        for t in self.threads:
-            t.start()
+        self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
+        self.thread.join(timeout=120)
 
     def window(self, start: float, end: float) -> dict:
         inside = [a for a in self.answers if start <= a[0] <= end]
@@ -98,7 +104,6 @@ class Clients:
             "longest_gap_s": max(b - a for a, b in zip(times, times[1:])),
             "versions": sorted({a[2] for a in inside}, key=int),
         }
-
 
 def run_scaling(args) -> list[dict]:
     rows = []
@@ -171,18 +176,19 @@ def _update_line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fd_ray_sync.bench_serve", description=__doc__)
     p.add_argument("--dps", default="1,2,4", help="fleet sizes (replicas, tp=1)")
-    p.add_argument("--clients", type=int, default=16, help="client threads")
+    p.add_argument("--clients", type=int, default=256, help="concurrent clients")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
-    p.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--tokens", type=int, default=8, help="tokens generated per request")
     p.add_argument("--engine", choices=("paced", "reference"), default="paced")
-    p.add_argument("--step-ms", type=float, default=5.0, help="paced: wait per token")
+    p.add_argument("--step-ms", type=float, default=20.0, help="paced: wait per token")
     p.add_argument("--no-updates", action="store_true", help="skip the update rows")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.dps = [int(x) for x in args.dps.split(",")]
     import ray
 
-    ray.init(namespace="fd_ray_sync", include_dashboard=False)
+    # Logical CPUs: one per rank of the largest fleet, whatever the cores (they compete).
+    ray.init(namespace="fd_ray_sync", include_dashboard=False, num_cpus=max(args.dps) + 2)
     engine = (
         f"paced ({args.step_ms:g} ms a token, CPU free meanwhile)"
         if args.engine == "paced"

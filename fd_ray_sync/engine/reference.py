@@ -95,10 +95,13 @@ class ReferenceEngine(InferenceEngine):
         return full_shapes(self.config)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        return [
-            tokenizer.decode(self.model.generate_ids(tokenizer.encode(p), max_new_tokens))
-            for p in prompts
-        ]
+        """Greedy decoding, one prompt at a time; a prompt repeated in the batch is
+        decoded once (same weights, same prompt: the same text)."""
+        texts = {
+            p: tokenizer.decode(self.model.generate_ids(tokenizer.encode(p), max_new_tokens))
+            for p in dict.fromkeys(prompts)
+        }
+        return [texts[p] for p in prompts]
 
     @property
     def kv_cache_status(self) -> KVCacheStatus:
