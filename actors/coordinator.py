@@ -71,4 +71,5 @@ class CoordinatorActor(PlacementMixin, RecoveryMixin, TransactionMixin, ServingM
         self._keep: tuple[str, dict] | None = None
         self._feeds: dict[str, BucketFeed] = {}
         self._feeds_lock = threading.Lock()
+        self._running_phase: str | None = None  # set while an update's phase runs
         self._adopt()

@@ -161,6 +161,7 @@ class ServingMixin:
             "trainer": self.config.model_dump(
                 mode="json", include={"load", "pipelined", "buckets_in_flight", "phase_timeout_s"}
             ),
+            "phase": self._running_phase,  # the update's phase running now, if any
             "update": self._update_progress(),
             "paused": self._paused,
             "gates": gates,

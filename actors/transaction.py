@@ -240,9 +240,11 @@ class TransactionMixin:
 
         def timed(name, call, on_failure=None):
             t = time.perf_counter()
+            self._running_phase = name  # `status` reports it (the CLI's progress bar)
             try:
                 return self._phase(name, call, everyone, on_failure=on_failure)
             finally:  # a failed phase counts too, up to its failure (a refusal, a timeout)
+                self._running_phase = None
                 phase_s[name] = time.perf_counter() - t
                 metrics.phase_seconds(self.config.name, name, phase_s[name])
 

@@ -45,6 +45,14 @@ GB = 1e9
 # second model's worth of fresh object-store pages (3 s of page faults for 1 GiB here).
 WARMUP = 2
 
+# A method's runner calls it after each of its rounds (warm-ups included) with the number
+# done: `run_bench` turns it into `on_progress(done, total, label)` for a progress bar.
+OnRound = Callable[[int], None]
+
+
+def _no_round(done: int) -> None:
+    pass
+
 
 def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     """Best-of-`repeats` single-core copy bandwidth between two touched host buffers."""
@@ -132,7 +140,7 @@ def _rank_handles(fleet) -> list:
     return ray.get(fleet.coordinator.rank_handles.remote())
 
 
-def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
+def run_fleet_method(setup: Setup, runs: int, how: str, on_round: OnRound = _no_round) -> dict:
     """Ours: the object store (with or without checksums; pipelined, or gathered from an
     iterator), or per-rank snapshots."""
     gathered = how == "object_store_gathered"  # every bucket put first, then loaded
@@ -185,6 +193,7 @@ def run_fleet_method(setup: Setup, runs: int, how: str) -> dict:
             rank_extra = ray.get([r.peak_extra_memory.remote() for r in ranks])
             if run >= WARMUP:
                 times.append(dt)
+            on_round(run + 1)
         if strategy == "object_store":  # what stays in the store: the rollback copy
             time.sleep(2.0)  # frees are asynchronous
             extra["rollback_copy_bytes"] = object_store_bytes_used()
@@ -263,7 +272,7 @@ def naive_push(full: dict, ranks: list) -> None:
     ray.get([r.load_object.remote([ref]) for r in ranks])
 
 
-def run_baseline(setup: Setup, runs: int, how: str) -> dict:
+def run_baseline(setup: Setup, runs: int, how: str, on_round: OnRound = _no_round) -> dict:
     world = setup.tp * setup.dp
     ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
     ray.get([r.watch.remote() for r in ranks])
@@ -301,6 +310,7 @@ def run_baseline(setup: Setup, runs: int, how: str) -> dict:
             rank_extra = ray.get([r.peak.remote() for r in ranks])
             if run >= WARMUP:
                 times.append(dt)
+            on_round(run + 1)
         ok = setup.holds(ranks, runs + WARMUP)
     finally:
         for r in ranks:
@@ -339,7 +349,7 @@ def _rdt_actors():
     return RdtTrainer, RdtRank
 
 
-def run_rdt(setup: Setup, runs: int) -> dict:
+def run_rdt(setup: Setup, runs: int, on_round: OnRound = _no_round) -> dict:
     """Ray Direct Transport over gloo: a trainer actor returns torch tensors through the
     collective group and each rank receives them (new tensors on every receive) and copies
     its slices into its parameters."""
@@ -367,6 +377,7 @@ def run_rdt(setup: Setup, runs: int) -> dict:
             del ref
             if run >= WARMUP:
                 times.append(dt)
+            on_round(run + 1)
         ok = setup.holds(ranks, runs + WARMUP)
     except Exception as e:  # noqa: BLE001 - RDT is alpha: report how it failed, exactly
         return {"error": f"{type(e).__name__}: {e}"}
@@ -385,23 +396,35 @@ def run_rdt(setup: Setup, runs: int) -> dict:
 
 
 METHODS = {
-    "object_store": lambda s, n: run_fleet_method(s, n, "object_store"),
-    "object_store_unchecked": lambda s, n: run_fleet_method(s, n, "object_store_unchecked"),
-    "object_store_gathered": lambda s, n: run_fleet_method(s, n, "object_store_gathered"),
-    "snapshot": lambda s, n: run_fleet_method(s, n, "snapshot"),
-    "ipc_ring": lambda s, n: run_fleet_method(s, n, "ipc_ring"),
-    "ipc_registered": lambda s, n: run_fleet_method(s, n, "ipc_registered"),
-    "ipc_registered_unchecked": lambda s, n: run_fleet_method(s, n, "ipc_registered_unchecked"),
-    "collective": lambda s, n: run_fleet_method(s, n, "collective"),
-    "naive_ray": lambda s, n: run_baseline(s, n, "naive_ray"),
-    "fastdeploy_pdparams": lambda s, n: run_baseline(s, n, "fastdeploy_pdparams"),
+    "object_store": lambda s, n, r: run_fleet_method(s, n, "object_store", r),
+    "object_store_unchecked": lambda s, n, r: run_fleet_method(s, n, "object_store_unchecked", r),
+    "object_store_gathered": lambda s, n, r: run_fleet_method(s, n, "object_store_gathered", r),
+    "snapshot": lambda s, n, r: run_fleet_method(s, n, "snapshot", r),
+    "ipc_ring": lambda s, n, r: run_fleet_method(s, n, "ipc_ring", r),
+    "ipc_registered": lambda s, n, r: run_fleet_method(s, n, "ipc_registered", r),
+    "ipc_registered_unchecked": lambda s, n, r: run_fleet_method(
+        s, n, "ipc_registered_unchecked", r
+    ),
+    "collective": lambda s, n, r: run_fleet_method(s, n, "collective", r),
+    "naive_ray": lambda s, n, r: run_baseline(s, n, "naive_ray", r),
+    "fastdeploy_pdparams": lambda s, n, r: run_baseline(s, n, "fastdeploy_pdparams", r),
     "rdt_gloo": run_rdt,
 }
 
 
 def run_bench(
-    size_gb: float, tp: int, dp: int, runs: int, methods: list[str], keep_committed: bool = True
+    size_gb: float,
+    tp: int,
+    dp: int,
+    runs: int,
+    methods: list[str],
+    keep_committed: bool = True,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
+    """Every method in turn; `on_progress(done, total, label)` hears of each round done."""
+    report = on_progress or (lambda done, total, label: None)
+    rounds = runs + WARMUP
+    total = len(methods) * rounds
     setup = Setup(size_gb, tp, dp, keep_committed)
     gbps = memcpy_gbps()
     floor = setup.floor_s(gbps)
@@ -416,9 +439,11 @@ def run_bench(
         "trainer_rss_before": memory_now()["rss_anon"],
         "methods": {},
     }
-    for name in methods:
+    for i, name in enumerate(methods):
+        on_round = functools.partial(_report_round, report, name, i * rounds, total, rounds)
+        on_round(0)
         try:
-            result = METHODS[name](setup, runs)
+            result = METHODS[name](setup, runs, on_round)
         except Exception as e:  # noqa: BLE001 - one method's failure is a result, not the end
             result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
         if "times" in result:
@@ -431,6 +456,7 @@ def run_bench(
             )
         out["methods"][name] = result
         print(_row(name, result), flush=True)
+        report((i + 1) * rounds, total, f"{name} done")
     naive = out["methods"].get("naive_ray", {}).get("seconds")
     for ours in (
         "object_store",
@@ -444,6 +470,18 @@ def run_bench(
         if naive and seconds:
             out[f"{ours}_speedup_vs_naive"] = naive / seconds
     return out
+
+
+def _report_round(
+    report: Callable[[int, int, str], None],
+    name: str,
+    first: int,
+    total: int,
+    rounds: int,
+    done: int,
+) -> None:
+    label = f"round {done + 1}/{rounds}" if done < rounds else "checking the ranks"
+    report(first + done, total, f"{name}: {label}")
 
 
 def _row(name: str, r: dict) -> str:
@@ -501,7 +539,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_from_args(args) -> int:
+def run_from_args(args, on_progress: Callable[[int, int, str], None] | None = None) -> int:
+    """The bench as the command line asks; `on_progress` hears of the one-node bench's rounds."""
     if args.nodes and args.link_gbit:
         from fd_ray_sync import bench_net
 
@@ -544,7 +583,7 @@ def run_from_args(args) -> int:
         f"dp={args.dp} x tp={args.tp}, {args.runs} runs after {WARMUP} warm-ups"
     )
     result = run_bench(
-        args.size_gb, args.tp, args.dp, args.runs, methods, not args.no_rollback_copy
+        args.size_gb, args.tp, args.dp, args.runs, methods, not args.no_rollback_copy, on_progress
     )
     for name, r in result["methods"].items():
         if "rollback_copy_bytes" in r:

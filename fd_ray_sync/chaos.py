@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import ray
@@ -30,6 +31,13 @@ from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.version import is_newer
 
 PROMPT = "The trainer "
+
+# (updates done, updates planned, what is happening): the command's progress bar.
+OnProgress = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, label: str) -> None:
+    pass
 
 
 class ChaosConfig(BaseModel):
@@ -74,8 +82,9 @@ class ChaosReport(BaseModel):
 
 
 class _Run:
-    def __init__(self, cfg: ChaosConfig, fleet: Fleet):
+    def __init__(self, cfg: ChaosConfig, fleet: Fleet, on_progress: OnProgress = _no_progress):
         self.cfg, self.fleet = cfg, fleet
+        self.on_progress = on_progress
         self.report = ChaosReport()
         self.rng = random.Random(cfg.seed)
         self.lock = threading.Lock()
@@ -148,6 +157,7 @@ class _Run:
         start = time.monotonic()
         self.fleet.update(self.prepare("0"), version=0)
         self.committed = "0"
+        self.on_progress(0, self.cfg.updates, "version 0 committed; updates start")
         threads = [threading.Thread(target=self.client) for _ in range(self.cfg.clients)]
         threads.append(threading.Thread(target=self.killer))
         for t in threads:
@@ -168,6 +178,7 @@ class _Run:
                 except Exception:  # noqa: BLE001 - an abort is an outcome, not a crash
                     self.report.updates_aborted += 1
                     self.wait_for_coordinator()
+                self.on_progress(v, self.cfg.updates, self._tally())
             # A short run may end before the first kill landed (its status call can meet
             # the coordinator restarting): give the killer its chance, then heal.
             deadline = time.monotonic() + 2 * self.cfg.kill_interval_s + 30
@@ -177,9 +188,17 @@ class _Run:
             self.stop.set()
             for t in threads:
                 t.join(timeout=120)
+        self.on_progress(self.cfg.updates, self.cfg.updates, "healing, then checking every rank")
         self.finish()
         self.report.seconds = time.monotonic() - start
         return self.report
+
+    def _tally(self) -> str:
+        r = self.report
+        return (
+            f"{r.updates_committed} committed, {r.updates_aborted} aborted, "
+            f"{r.ranks_killed} ranks killed"
+        )
 
     def finish(self) -> None:
         """Heal, then measure: every rank against the final version's weights, each killed
@@ -217,8 +236,10 @@ class _Run:
         )
 
 
-def run_chaos(cfg: ChaosConfig) -> ChaosReport:
-    """Run on the Ray instance this process is connected to (started locally if none)."""
+def run_chaos(cfg: ChaosConfig, on_progress: OnProgress = _no_progress) -> ChaosReport:
+    """Run on the Ray instance this process is connected to (started locally if none);
+    `on_progress(done, total, label)` hears of each update done."""
+    on_progress(0, cfg.updates, "launching the fleet")
     if not ray.is_initialized():
         ray.init(num_cpus=2 * cfg.dp * cfg.tp, namespace="fd_ray_sync", log_to_driver=False)
     fleet = Fleet.launch(
@@ -231,6 +252,6 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
         )
     )
     try:
-        return _Run(cfg, fleet).run()
+        return _Run(cfg, fleet, on_progress).run()
     finally:
         fleet.shutdown()

@@ -1,14 +1,20 @@
-"""The `fd-ray-sync` command: a demo of the whole loop, and commands for a running fleet."""
+"""The `fd-ray-sync` command: a demo of the whole loop, and commands for a running fleet.
+
+Long work shows progress bars on stderr when it is a terminal (`fd_ray_sync.progress`);
+stdout carries the same lines with or without them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 import time
 
 from fd_ray_sync.errors import WeightSyncError
+from fd_ray_sync.progress import UPDATE_PHASES, Bars, scale_progress, update_progress
 
 
 def _fleet_args(p: argparse.ArgumentParser) -> None:
@@ -50,12 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show a fleet's version and each rank's status")
     _fleet_args(status)
+    status.add_argument(
+        "--json", action="store_true", help="the coordinator's status answer as JSON (scripts)"
+    )
 
     update = sub.add_parser("update", help="load a snapshot folder into a fleet")
     _fleet_args(update)
     update.add_argument("--snapshot", required=True, help="folder of per-rank snapshot files")
     update.add_argument("--version", default=None, help="default: the folder's version.yaml")
     update.add_argument("--force", action="store_true", help="load even if not newer")
+
+    scale = sub.add_parser("scale", help="grow or shrink a fleet to --dp replicas")
+    _fleet_args(scale)
+    scale.add_argument("--dp", type=int, required=True, help="replicas wanted")
 
     clear = sub.add_parser("clear", help="free a fleet's weights and KV cache")
     _fleet_args(clear)
@@ -80,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     shutdown = sub.add_parser("shutdown", help="stop a fleet")
     _fleet_args(shutdown)
 
-    from fd_ray_sync import scale
+    from fd_ray_sync import scale as scale_model
 
     plan = sub.add_parser("plan", help="one update's time at scale, on paper (a cost model)")
-    scale.add_arguments(plan)
+    scale_model.add_arguments(plan)
     return parser
 
 
@@ -108,13 +121,44 @@ def _print_json(obj) -> None:
 
 
 def cmd_status(args) -> int:
-    _print_json(_connect(args).status())
+    status = _connect(args).status()
+    if args.json:
+        _print_json(status)
+    else:
+        from fd_ray_sync.status_table import print_status
+
+        print_status(status)
     return 0
 
 
 def cmd_update(args) -> int:
-    report = _connect(args).update_from_snapshot(args.snapshot, args.version, args.force)
+    fleet = _connect(args)
+    with Bars() as bars:
+        bar = bars.task(f"update from {args.snapshot}", len(UPDATE_PHASES))
+        with bars.follow(fleet.status, bar, update_progress):
+            report = fleet.update_from_snapshot(args.snapshot, args.version, args.force)
+        bar.finish(f"version {report.version} committed in {report.total_s:.1f}s")
     _print_json(report.model_dump())
+    return 0
+
+
+def cmd_scale(args) -> int:
+    fleet = _connect(args)
+    before = fleet.status()
+    old = before["dp"]
+    with Bars() as bars:
+        bar = bars.task(f"scale from dp={old} to dp={args.dp}")
+        if args.dp > old:  # new replicas come up, and load the version if the fleet serves
+            where = functools.partial(
+                scale_progress, old_dp=old, dp=args.dp, loads=bool(before["serving"])
+            )
+            with bars.follow(fleet.status, bar, where, interval_s=0.5):
+                out = fleet.scale(args.dp)
+        else:
+            out = fleet.scale(args.dp)
+        bar.finish(f"scaled to dp={out['dp']}")
+    serving = " ".join(str(r) for r, ok in enumerate(out["replicas_serving"]) if ok) or "none"
+    print(f"fleet {args.name} scaled from dp={old} to dp={out['dp']}; replicas serving: {serving}")
     return 0
 
 
@@ -156,42 +200,63 @@ def cmd_demo(args) -> int:
 
     from fd_ray_sync.config import FleetConfig
     from fd_ray_sync.fleet import Fleet
-    from fd_ray_sync.trainer import TinyTrainer
 
     started = time.perf_counter()
     print(
         f"starting Ray and a fleet of {args.dp} x tp={args.tp} (experts on: {not args.no_experts})"
     )
-    ray.init(address=args.address, namespace="fd_ray_sync", log_to_driver=False)
-    config = FleetConfig(
-        name=f"fd-ray-sync-demo-{int(time.time())}",
-        dp=args.dp,
-        tp=args.tp,
-        enable_expert_parallel=not args.no_experts,
-    )
-    fleet = Fleet.launch(config)
-    try:
-        trainer = TinyTrainer()
-        print(f"fleet up in {time.perf_counter() - started:.1f}s; training on: {trainer_text()!r}")
-        for step in range(args.steps + 1):
-            loss = trainer.train(args.iters) if step else float("nan")
-            report = fleet.update(trainer.weights(), version=step)
-            sample = fleet.generate([args.prompt], args.tokens)[0]
-            assert sample.version == str(step), (sample.version, step)
-            phases = " ".join(f"{k} {v * 1e3:.0f}" for k, v in report.phase_s.items())
-            print(
-                f"step {step:2d}/{args.steps}  loss {loss:5.2f}  version {report.version:>2}  "
-                f"update {report.total_s * 1e3:4.0f} ms ({phases} ms)"
-            )
-            print(f"          sample: {args.prompt}{_printable(sample.text)}")
-        status = fleet.status()
-        fps = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
-        print(f"fleet version {status['version']}, rank fingerprints {fps}")
-    finally:
-        fleet.shutdown()
-        ray.shutdown()
+    with Bars() as bars:
+        demo = bars.task("launching the fleet", _demo_total(args.steps))
+        ray.init(address=args.address, namespace="fd_ray_sync", log_to_driver=False)
+        config = FleetConfig(
+            name=f"fd-ray-sync-demo-{int(time.time())}",
+            dp=args.dp,
+            tp=args.tp,
+            enable_expert_parallel=not args.no_experts,
+        )
+        fleet = Fleet.launch(config)
+        try:
+            _demo_steps(args, fleet, bars, demo, started)
+        finally:
+            fleet.shutdown()
+            ray.shutdown()
     print(f"demo done in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _demo_total(steps: int) -> int:
+    """The demo's steps: the launch, then train, update, generate for each version."""
+    return 1 + 3 * (steps + 1)
+
+
+def _demo_steps(args, fleet, bars: Bars, demo, started: float) -> None:
+    from fd_ray_sync.trainer import TinyTrainer
+
+    trainer = TinyTrainer()
+    print(f"fleet up in {time.perf_counter() - started:.1f}s; training on: {trainer_text()!r}")
+    total = _demo_total(args.steps)
+    update = bars.task("update", len(UPDATE_PHASES))  # its phase or buckets, as polled
+    for step in range(args.steps + 1):
+        demo(1 + 3 * step, total, f"step {step}/{args.steps}: train")
+        loss = trainer.train(args.iters) if step else float("nan")
+        demo(2 + 3 * step, total, f"step {step}/{args.steps}: update")
+        update(0, len(UPDATE_PHASES), f"update to version {step}")
+        with bars.follow(fleet.status, update, update_progress, interval_s=0.1):
+            report = fleet.update(trainer.weights(), version=step)
+        update.finish(f"update: version {report.version} in {report.total_s * 1e3:.0f} ms")
+        demo(3 + 3 * step, total, f"step {step}/{args.steps}: generate")
+        sample = fleet.generate([args.prompt], args.tokens)[0]
+        assert sample.version == str(step), (sample.version, step)
+        phases = " ".join(f"{k} {v * 1e3:.0f}" for k, v in report.phase_s.items())
+        print(
+            f"step {step:2d}/{args.steps}  loss {loss:5.2f}  version {report.version:>2}  "
+            f"update {report.total_s * 1e3:4.0f} ms ({phases} ms)"
+        )
+        print(f"          sample: {args.prompt}{_printable(sample.text)}")
+    demo.finish(f"{args.steps + 1} versions pushed and sampled")
+    status = fleet.status()
+    fps = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
+    print(f"fleet version {status['version']}, rank fingerprints {fps}")
 
 
 def _printable(text: str) -> str:
@@ -216,7 +281,8 @@ def cmd_chaos(args) -> int:
         "a rank killed every "
         f"~{cfg.kill_interval_s:g}s" + (", the coordinator once" if cfg.kill_coordinator else "")
     )
-    report = run_chaos(cfg)
+    with Bars() as bars:
+        report = run_chaos(cfg, bars.task("chaos: launching", cfg.updates))
     for key, value in report.model_dump().items():
         print(f"  {key:32s} {value}")
     if args.json:
@@ -224,6 +290,13 @@ def cmd_chaos(args) -> int:
             f.write(report.model_dump_json(indent=2))
     bad = report.mixed_version_results + report.params_not_matching_committed
     return 1 if bad else 0
+
+
+def cmd_bench(args) -> int:
+    from fd_ray_sync import bench
+
+    with Bars() as bars:
+        return bench.run_from_args(args, bars.task("bench: measuring memcpy"))
 
 
 def trainer_text() -> str:
@@ -239,7 +312,8 @@ _COMMANDS = {
     "update": cmd_update,
     "clear": cmd_clear,
     "chaos": cmd_chaos,
-    "bench": lambda args: __import__("fd_ray_sync.bench").bench.run_from_args(args),
+    "bench": cmd_bench,
+    "scale": cmd_scale,
     "shutdown": cmd_shutdown,
     "plan": lambda args: __import__("fd_ray_sync.scale").scale.run_from_args(args),
 }

@@ -1,8 +1,9 @@
 """Every verb of the `fd-ray-sync` command against the test session's Ray cluster, as a
-user runs them: a detached fleet booted from a snapshot folder, updated, cleared, shut down;
-and the demo."""
+user runs them: a detached fleet booted from a snapshot folder, updated, cleared, scaled out,
+shown as a table, shut down; and the demo, its progress bars forced on."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,16 +22,24 @@ TINY: ModelConfig = preset("tiny")
 NAME = "cli-fleet"
 
 
-def cli(*args, timeout=180):
+def run_cli(*args, timeout=180, progress=False) -> subprocess.CompletedProcess:
+    """The command as a script runs it (stdout and stderr pipes); `progress`: bars forced on,
+    on stderr, as wide as their labels."""
     address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "FD_RAY_SYNC_PROGRESS": "1" if progress else "0", "COLUMNS": "200"}
     out = subprocess.run(
         [sys.executable, "-m", "fd_ray_sync.cli", *args, "--address", address],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return out
+
+
+def cli(*args, timeout=180):
+    return run_cli(*args, timeout=timeout).stdout
 
 
 def plan_for(tp_rank):
@@ -53,18 +62,28 @@ def test_launch_from_a_snapshot_update_clear_update_shutdown(ray_cluster, tmp_pa
     cli("launch", *fleet, "--snapshot", str(tmp_path / "v1"), "--phase-timeout", "60",
         "--shutdown-comm-groups-on-clear")  # fmt: skip
     try:
-        status = json.loads(cli("status", *fleet))
+        status = json.loads(cli("status", *fleet, "--json"))
         assert status["version"] == "1" and status["serving"]  # booted from model_dir
         got = {r["rank"]: r["fingerprint"] for r in status["ranks"]}
         assert got == fingerprints(v1)
-        report = json.loads(cli("update", *fleet, "--snapshot", str(tmp_path / "v2")))
+        out = run_cli("update", *fleet, "--snapshot", str(tmp_path / "v2"), progress=True)
+        report = json.loads(out.stdout)  # the bar stays on stderr
         assert report["version"] == "2"
+        assert "version 2 committed" in out.stderr and "\x1b[" in out.stderr
         assert report["fingerprints"] == {str(r): f for r, f in fingerprints(v2).items()}
         assert "cleared" in cli("clear", *fleet)
-        status = json.loads(cli("status", *fleet))
+        status = json.loads(cli("status", *fleet, "--json"))
         assert not status["serving"] and {r["weights"] for r in status["ranks"]} == {"CLEARED"}
         cli("update", *fleet, "--snapshot", str(tmp_path / "v2"), "--force")
-        assert json.loads(cli("status", *fleet))["serving"]
+        out = run_cli("scale", *fleet, "--dp", "2", progress=True)  # the new replica loads v2
+        assert "scaled from dp=1 to dp=2; replicas serving: 0 1" in out.stdout
+        assert "scaled to dp=2" in out.stderr
+        table = cli("status", *fleet).splitlines()
+        assert "version 2" in table[0] and "serving 2/2 replicas" in table[0], table
+        rows = [line.split() for line in table if "NORMAL" in line]  # one per rank
+        assert [row[0] for row in rows if row[1] == "yes"] == ["0", "1"], table  # replicas
+        versions = [row[4] if row[1] == "yes" else row[2] for row in rows]
+        assert versions == ["2"] * 4, table
     finally:
         assert "shut down" in cli("shutdown", *fleet)
     with pytest.raises(ValueError):
@@ -72,5 +91,7 @@ def test_launch_from_a_snapshot_update_clear_update_shutdown(ray_cluster, tmp_pa
 
 
 def test_demo_runs_on_a_given_cluster():
-    out = cli("demo", "--steps", "1", "--iters", "2", "--tokens", "4", timeout=300)
-    assert "step  1/1" in out and "demo done" in out
+    out = run_cli("demo", "--steps", "1", "--iters", "2", "--tokens", "4", timeout=300,
+                  progress=True)  # fmt: skip
+    assert "step  1/1" in out.stdout and "demo done" in out.stdout
+    assert "2 versions pushed and sampled" in out.stderr and "update: version 1" in out.stderr

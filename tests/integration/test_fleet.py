@@ -105,7 +105,7 @@ def test_clear_then_reload_from_a_snapshot(fleet, tmp_path):
 
 def test_cli_status_finds_the_fleet_by_name(fleet):
     out = subprocess.run(
-        [sys.executable, "-m", "fd_ray_sync.cli", "status", "--name", "test-fleet"],
+        [sys.executable, "-m", "fd_ray_sync.cli", "status", "--name", "test-fleet", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
