@@ -59,16 +59,17 @@ def deepened(asleep: Mapping[str, int], level: int, tags: Iterable[str]) -> dict
     return {**asleep, **{t: max(level, asleep.get(t, 0)) for t in tags}}
 
 
-def describe(asleep: Mapping[str, int]) -> str:
-    """One line a refused caller reads: what sleeps and how to serve again."""
+def describe(asleep: Mapping[str, int], discarded: bool = False) -> str:
+    """One line a refused caller reads: what sleeps and how to serve again. `discarded`: the
+    weights hold nothing although they do not sleep (woken after level 2, or cleared)."""
     if not asleep:
         return "awake"
     parts = []
-    level = asleep.get("weights")
+    level = asleep.get("weights", 2 if discarded else None)
     if level == 1:
         parts.append("weights in host memory (level 1)")
     elif level == 2:
-        parts.append("weights discarded (level 2)")
+        parts.append("weights discarded")
     if "kv_cache" in asleep:
         parts.append("KV cache freed")
     if level != 2:
