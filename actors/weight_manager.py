@@ -28,7 +28,7 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
-from fd_ray_sync.params import param_dtype, param_shape, read_param
+from fd_ray_sync.params import device_memory, param_dtype, param_shape, read_param
 from fd_ray_sync.sleep import Tags, describe
 from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
@@ -312,6 +312,11 @@ class WeightManagerActor:
     def memory(self) -> dict:
         """This process's memory in bytes (see fd_ray_sync.memwatch.memory_now)."""
         return memory_now()
+
+    @ray.method(concurrency_group="status")
+    def device_memory(self) -> dict[str, float]:
+        """The device allocator's figures (GiB) for this rank's parameters; empty on CPU."""
+        return device_memory(self._manager().params.values())
 
     @ray.method(concurrency_group="status")
     def watch_memory(self) -> None:
