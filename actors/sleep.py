@@ -113,7 +113,9 @@ class SleepMixin:
                 replica < len(ok) and ok[replica] and not self._cleared and replica not in bad
             )
             if self._cleared:
-                self._down[replica] = "the weights were discarded (sleep level 2): update it"
+                self._down[replica] = (
+                    "the weights were discarded (sleep level 2 or clear): update it"
+                )
         for replica in sorted(bad):
             self.log.warning("replica %d cannot wake: rebuilding it", replica)
             try:
