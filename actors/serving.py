@@ -42,6 +42,8 @@ class ServingMixin:
 
     def _front_down(self, replica: int) -> str | None:
         """Why `replica` does not serve (None: it serves), as its front should say."""
+        if self._asleep:  # SleepMixin's: an update at sleep level 2 loads, yet serves not
+            return self._describe()
         if self._ok[replica]:
             return None
         if self._cleared:

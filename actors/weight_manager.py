@@ -28,7 +28,8 @@ from fd_ray_sync.log import get_logger
 from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
-from fd_ray_sync.params import param_dtype, param_shape, read_param
+from fd_ray_sync.params import device_memory, param_dtype, param_shape, read_param
+from fd_ray_sync.sleep import Tags, describe
 from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 from fd_ray_sync.tensors import contiguous, storage_dtype
@@ -149,7 +150,7 @@ class WeightManagerActor:
         except PartialUpdateError:
             self._fingerprint = None
             raise
-        self._engine().alloc_kv_cache()
+        self._manager().alloc_kv_cache()  # unless it sleeps
         self._fingerprint = None
         self._pending = prepared.source.received(spec).with_version(report.version)
         return report
@@ -192,7 +193,7 @@ class WeightManagerActor:
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()
         if m.kv_cache_status != KVCacheStatus.NORMAL:
-            self._engine().alloc_kv_cache()
+            m.alloc_kv_cache()  # unless it sleeps
 
     def export_layout(self, version: str) -> tuple[BucketMeta, ...]:
         """How `export_bucket` groups this rank's parameters (names, local shapes, dtypes;
@@ -232,10 +233,29 @@ class WeightManagerActor:
             raise StateError(f"rank {self.rank} holds version {m.version}, not {version}")
         return [contiguous(read_param(m.params[n])) for n in self._export[index]]
 
+    # --- sleep ---------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1, tags: Tags = None) -> dict:
+        """Free this rank's weights (kept in host memory at level 1, discarded at 2) and/or
+        KV cache (see DynamicWeightManager.sleep)."""
+        m = self._manager()
+        seconds = m.sleep(level, tags)
+        if m.version is None:
+            self._fingerprint = None  # discarded
+        return {"rank": self.rank, "asleep": m.asleep, "seconds": seconds}
+
+    def wake_up(self, tags: Tags = None) -> dict:
+        """Bring back what sleeps among `tags` (see DynamicWeightManager.wake_up)."""
+        m = self._manager()
+        seconds = m.wake_up(tags)
+        return {"rank": self.rank, "asleep": m.asleep, "seconds": seconds}
+
     # --- serving -------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> dict:
         m = self._manager()
+        if m.asleep:
+            raise StateError(f"rank {self.rank} is {describe(m.asleep)}")
         if m.status != ModelWeightsStatus.NORMAL or m.version is None:
             raise StateError(
                 f"rank {self.rank} is not serving: weights {m.status.name}, version {m.version}"
@@ -253,6 +273,7 @@ class WeightManagerActor:
             "set_up": m is not None,
             "weights": m.status.name if m else None,
             "kv_cache": m.kv_cache_status.name if m else None,
+            "asleep": m.asleep if m else {},
             "version": m.version if m else None,
             "committed": self.committed.version if self.committed else None,
             "fingerprint": self._fingerprint,
@@ -291,6 +312,11 @@ class WeightManagerActor:
     def memory(self) -> dict:
         """This process's memory in bytes (see fd_ray_sync.memwatch.memory_now)."""
         return memory_now()
+
+    @ray.method(concurrency_group="status")
+    def device_memory(self) -> dict[str, float]:
+        """The device allocator's figures (GiB) for this rank's parameters; empty on CPU."""
+        return device_memory(self._manager().params.values())
 
     @ray.method(concurrency_group="status")
     def watch_memory(self) -> None:

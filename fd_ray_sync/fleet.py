@@ -35,6 +35,7 @@ from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.routing import Router
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of
 from fd_ray_sync.shards import ShardSet, check_sets
+from fd_ray_sync.sleep import sleep_level, sleep_tags
 from fd_ray_sync.sources import TransportSpec
 from fd_ray_sync.sources.collective import SLOTS, CollectiveSpec, extent
 from fd_ray_sync.sources.ipc import IpcRingSpec, IpcStorageSpec
@@ -477,6 +478,21 @@ class Fleet:
         """Free every rank's weights and KV cache; serving stops until the next update
         (requests in flight drained as `mode` says; default FleetConfig.pause_mode)."""
         _get(self.coordinator.clear.remote(mode))
+
+    def sleep(self, level: int = 1, tags: str | Sequence[str] | None = None) -> dict:
+        """Free the fleet's memory for a while; it stops serving until `wake_up`.
+
+        `tags`: "weights" and/or "kv_cache" (a list, or comma separated; None: both). Level 1
+        keeps each rank's weights in its host memory (pinned on GPU), so `wake_up` serves the
+        same version again without the trainer; level 2 discards them: the next update loads
+        them (sleep(2), update, wake_up(["kv_cache"])). While weights sleep at level 1 an
+        update is refused. Returns {"asleep": tag -> level, "seconds": ...}."""
+        return _get(self.coordinator.sleep.remote(sleep_level(level), sleep_tags(tags)))
+
+    def wake_up(self, tags: str | Sequence[str] | None = None) -> dict:
+        """Bring back what sleeps among `tags` (None: both); once nothing sleeps the fleet
+        serves again (after a level-2 sleep: once updated)."""
+        return _get(self.coordinator.wake_up.remote(sleep_tags(tags)))
 
     # --- serving and status --------------------------------------------------------------
 

@@ -15,6 +15,10 @@ anything else holding its pointer stays valid).
     cleared           fresh storage of its own (never the source's buffer, which may be a
                       read-only mapping or an object-store buffer that goes away)
 
+Sleeping at level 1 (`offload_param`, `reload_param`) keeps a host copy apart from the
+parameter: an owned numpy array for a CPU parameter, pinned host memory for a device one; the
+storage is then freed like a clear, and wake gives the cleared parameter fresh storage.
+
 bfloat16 crosses as uint16 storage on the numpy side (see fd_ray_sync.tensors).
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,6 +82,21 @@ class _Paddle:
         fresh._share_buffer_to(t)
 
     @staticmethod
+    def offload(t: Any, dtype: str) -> Any:
+        view = _Paddle.host_view(t, dtype)
+        if view is not None:
+            return np.array(view, copy=True)
+        # Page-locked host memory: the copy back on wake is one DMA, no staging buffer.
+        return _Pinned(t.pin_memory(), t.place)
+
+    @staticmethod
+    def reload(t: Any, copy: Any, dtype: str) -> None:
+        if isinstance(copy, np.ndarray):
+            _Paddle.refill(t, copy, dtype)
+        else:
+            copy.tensor._copy_to(copy.place, True)._share_buffer_to(t)
+
+    @staticmethod
     def data_ptr(t: Any) -> int:
         return t.data_ptr()
 
@@ -100,6 +119,13 @@ class _Paddle:
     @staticmethod
     def state_dict(model: Any) -> dict[str, Any]:
         return dict(model.state_dict())  # the parameters and persistable buffers themselves
+
+
+class _Pinned(NamedTuple):
+    """A paddle device parameter's values in page-locked host memory, and where they go back."""
+
+    tensor: Any
+    place: Any
 
 
 def _paddle_viewable(src: np.ndarray, dtype: str) -> np.ndarray:
@@ -157,14 +183,43 @@ class _Torch:
             t.detach().copy_(host)  # one copy, from the strided host tensor into t's storage
 
     @staticmethod
-    def refill(t: Any, src: np.ndarray, dtype: str) -> None:
+    def _grow(t: Any) -> None:
+        """Give a cleared tensor its storage's bytes back (uninitialized)."""
         extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
         t.untyped_storage().resize_((t.storage_offset() + extent) * t.element_size())
+
+    @staticmethod
+    def refill(t: Any, src: np.ndarray, dtype: str) -> None:
+        _Torch._grow(t)
         view = _Torch.host_view(t, dtype)
         if view is not None:
             np.copyto(view, src, casting="no")
         else:
             _Torch.copy_into(t, src, dtype)
+
+    @staticmethod
+    def offload(t: Any, dtype: str) -> Any:
+        view = _Torch.host_view(t, dtype)
+        if view is not None:
+            return np.array(view, copy=True)
+        import torch
+
+        pinned = torch.empty_strided(
+            t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=True
+        )
+        pinned.copy_(t.detach())
+        return pinned
+
+    @staticmethod
+    def reload(t: Any, copy: Any, dtype: str) -> None:
+        if isinstance(copy, np.ndarray):
+            _Torch.refill(t, copy, dtype)
+            return
+        import torch
+
+        _Torch._grow(t)  # the same storage object, on t's device: its pointer comes back new
+        with torch.no_grad():
+            t.detach().copy_(copy)
 
     @staticmethod
     def data_ptr(t: Any) -> int:
@@ -281,6 +336,22 @@ def copy_into(param: Any, src: np.ndarray, dtype: str) -> None:
             f"writing a {framework(param)} {dtype} parameter of shape {param_shape(param)} "
             "moved its storage; anything holding its pointer (CUDA graphs) is now stale"
         )
+
+
+def offload_param(param: Any) -> Any:
+    """A copy of the parameter's values in host memory of this process, kept apart from its
+    storage (which the caller may then free): an owned numpy array for a CPU parameter,
+    page-locked (pinned) host memory of the framework for a device one. `reload_param` puts
+    it back."""
+    return _adapter(param).offload(param, param_dtype(param))
+
+
+def reload_param(param: Any, copy: Any) -> None:
+    """Give a cleared parameter fresh storage (on its own device) holding `copy`, what
+    `offload_param` took from it."""
+    if is_initialized(param):
+        raise StateError(f"reload_param into a {framework(param)} parameter that holds storage")
+    _adapter(param).reload(param, copy, param_dtype(param))
 
 
 def empty_device_cache(params: Iterable[Any]) -> None:
