@@ -46,11 +46,11 @@ class ServingMixin:
             return self._describe()
         if self._ok[replica]:
             return None
+        if replica in self._down:
+            return self._down[replica]
         if self._cleared:
             return "cleared: the fleet serves again after an update"
-        return self._down.get(replica) or (
-            "no version loaded yet: update the fleet" if self.version is None else "not serving"
-        )
+        return "no version loaded yet: update the fleet" if self.version is None else "not serving"
 
     def _sync_fronts(self, replicas=None, reopen: tuple[str, ...] = ()) -> None:
         """Tell each front (of `replicas`, default all) its ranks and whether it serves;

@@ -54,6 +54,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="tear TP/EP groups down on clear (FastDeploy's --shutdown-comm-group-if-worker-idle)",
     )
 
+    launch.add_argument(
+        "--pause-mode",
+        default="wait",
+        choices=["abort", "wait", "keep"],
+        help="what an update does to the requests in flight (docs/serving.md)",
+    )
+    launch.add_argument(
+        "--rolling",
+        type=int,
+        default=0,
+        metavar="K",
+        help="rolling updates, K replicas at a time (default 0: all replicas at once)",
+    )
+
+    serve = sub.add_parser("serve", help="HTTP in front of a fleet, on Ray Serve")
+    _fleet_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--token-file", default=None, help="control token (default: $FD_RAY_SYNC_TOKEN)"
+    )
+    serve.add_argument(
+        "--block", action="store_true", help="stay in the foreground; Ctrl-C removes the app"
+    )
+
+    pause = sub.add_parser("pause", help="stop serving until resume (updates still run)")
+    _fleet_args(pause)
+    pause.add_argument("--mode", default="wait", choices=["abort", "wait", "keep"])
+    resume = sub.add_parser("resume", help="serve again after pause")
+    _fleet_args(resume)
+    sleep = sub.add_parser("sleep", help="free a fleet's weights and/or KV cache until wake-up")
+    _fleet_args(sleep)
+    sleep.add_argument("--level", type=int, default=1, choices=[1, 2])
+    sleep.add_argument("--tags", default=None, help="weights,kv_cache (default both)")
+    wake = sub.add_parser("wake-up", help="bring back what sleep freed")
+    _fleet_args(wake)
+    wake.add_argument("--tags", default=None, help="weights,kv_cache (default both)")
+
     status = sub.add_parser("status", help="show a fleet's version and each rank's status")
     _fleet_args(status)
     status.add_argument(
@@ -162,6 +200,45 @@ def cmd_scale(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from fd_ray_sync.service import app_name, read_token, serve_fleet
+
+    token = read_token(args.token_file)
+    ray.init(address=args.address, namespace=args.namespace)
+    url = serve_fleet(args.name, args.namespace, token, args.host, args.port)
+    print(f"fleet {args.name} served at {url} (control routes need the bearer token)")
+    if args.block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(app_name(args.name))
+    return 0
+
+
+def cmd_pause(args) -> int:
+    _print_json(_connect(args).pause(args.mode))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    _print_json(_connect(args).resume())
+    return 0
+
+
+def cmd_sleep(args) -> int:
+    _print_json(_connect(args).sleep(args.level, args.tags))
+    return 0
+
+
+def cmd_wake_up(args) -> int:
+    _print_json(_connect(args).wake_up(args.tags))
+    return 0
+
+
 def cmd_clear(args) -> int:
     _connect(args).clear()
     print(f"fleet {args.name} cleared")
@@ -188,6 +265,9 @@ def cmd_launch(args) -> int:
         load=load,
         phase_timeout_s=args.phase_timeout,
         shutdown_comm_groups_on_clear=args.shutdown_comm_groups_on_clear,
+        pause_mode=args.pause_mode,
+        update_mode="rolling" if args.rolling else "all",
+        rolling_replicas=max(args.rolling, 1),
         detached=True,
     )
     Fleet.launch(config, address=args.address)
@@ -314,6 +394,11 @@ _COMMANDS = {
     "chaos": cmd_chaos,
     "bench": cmd_bench,
     "scale": cmd_scale,
+    "serve": cmd_serve,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "sleep": cmd_sleep,
+    "wake-up": cmd_wake_up,
     "shutdown": cmd_shutdown,
     "plan": lambda args: __import__("fd_ray_sync.scale").scale.run_from_args(args),
 }

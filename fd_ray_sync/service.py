@@ -234,7 +234,7 @@ class FleetService:
     async def sleep(
         self,
         tags: str | None = Query(None, description="weights,kv_cache (default both)"),
-        level: Literal[1, 2] = Query(1),
+        level: int = Query(1, ge=1, le=2),
         authorization: str | None = Header(None),
     ):
         self._authorize(authorization)

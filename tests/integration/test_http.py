@@ -186,3 +186,23 @@ def test_refused_updates_get_4xx_naming_the_cause_and_change_nothing(served):
     status, out, _ = call(f"{url}/v1/update_weights", "POST", {"path": old, "bogus": 1}, AUTH)
     assert status == 422 and "bogus" in json.dumps(out["detail"])
     assert fleet.status()["version"] == version and all(fleet.status()["replicas_serving"])
+
+
+def test_sleep_and_wakeup_by_tags(served):
+    fleet, url, _ = served
+    version = fleet.status()["version"]
+    status, out, _ = call(f"{url}/v1/sleep?tags=weights,gpu", "POST", headers=AUTH)
+    assert status == 400 and "'gpu'" in out["error"]["message"]
+    assert call(f"{url}/v1/sleep?level=3", "POST", headers=AUTH)[0] == 422
+    assert fleet.status()["asleep"] == {}  # refused: nothing slept
+    status, out, _ = call(f"{url}/v1/sleep?tags=weight,kv_cache&level=1", "POST", headers=AUTH)
+    assert status == 200 and out["asleep"] == {"weights": 1, "kv_cache": 1}
+    status, out, _ = call(f"{url}/v1/completions", "POST", {"prompt": "x", "max_tokens": 4})
+    assert status == 503 and "wake_up" in out["error"]["message"]
+    assert call(f"{url}/health")[0] == 503
+    status, out, _ = call(f"{url}/v1/wakeup?tags=weights", "POST", headers=AUTH)
+    assert status == 200 and out["asleep"] == {"kv_cache": 1}
+    assert call(f"{url}/v1/wakeup", "POST", headers=AUTH)[1]["asleep"] == {}
+    status, out, _ = call(f"{url}/v1/completions", "POST", {"prompt": "fleet", "max_tokens": 6})
+    assert status == 200 and out["weight_version"] == version
+    assert out["choices"][0]["text"] == text_of(int(version), "fleet", 6)  # same weights back
