@@ -105,6 +105,7 @@ class Clients:
             "versions": sorted({a[2] for a in inside}, key=int),
         }
 
+
 def run_scaling(args) -> list[dict]:
     rows = []
     for dp in args.dps:

@@ -57,6 +57,8 @@ def status_table(status: dict) -> Group:
         f"  version {_cell(status.get('version'))}",
         f"  serving {sum(map(bool, serving))}/{len(serving)} replicas",
         f"  dp={status.get('dp')} x tp={status.get('tp')}",
+        (f"  paused ({status['paused']})", "yellow") if status.get("paused") else "",
+        (f"  asleep {status['asleep']}", "yellow") if status.get("asleep") else "",
     )
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("replica", "serving", "rank", "tp", "version", "weights", "kv cache"):
