@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fd_ray_sync.errors import WeightMismatchError
+from fd_ray_sync.errors import ConfigError, WeightMismatchError
 from fd_ray_sync.tensors import shape_and_dtype, storage_dtype, to_host
 
 if TYPE_CHECKING:
@@ -392,6 +392,36 @@ class WeightMapping(BaseModel):
 def manifest_of(state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, dtype) of paddle, torch or numpy tensors, reading no data."""
     return {name: shape_and_dtype(t) for name, t in state.items()}
+
+
+class CheckedMappings:
+    """The mappings one fleet handle has checked: the engine's manifest is asked for once
+    (on first use), each (mapping, source manifest) pair checked once, so a trainer pushing
+    the same layout every step pays for the check on its first update only."""
+
+    def __init__(self, engine_manifest: Callable[[], Manifest]):
+        self._ask = engine_manifest
+        self._engine: Manifest | None = None
+        self._passed: set[tuple] = set()
+
+    def mapped(self, weights: Any, mapping: WeightMapping) -> MappedState:
+        """`weights` (a mapping or `(name, tensor)` pairs) mapped, after the check."""
+        if not isinstance(weights, Mapping):
+            try:
+                weights = dict(weights)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    "a weight mapping takes a mapping or (name, tensor) pairs, "
+                    f"not a {type(weights).__name__}"
+                ) from None
+        source = manifest_of(weights)
+        key = (mapping, tuple(source.items()))
+        if key not in self._passed:
+            if self._engine is None:
+                self._engine = {n: (tuple(s), d) for n, (s, d) in self._ask().items()}
+            mapping.check(source, self._engine)
+            self._passed.add(key)
+        return mapping.mapped(weights)
 
 
 class MappedState(Mapping):

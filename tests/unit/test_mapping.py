@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fd_ray_sync.engine.model import ModelConfig, full_shapes
-from fd_ray_sync.errors import WeightMismatchError
+from fd_ray_sync.errors import ConfigError, WeightMismatchError
 from fd_ray_sync.mapping import (
     Cast,
+    CheckedMappings,
     Fuse,
     Rename,
     Reshape,
@@ -242,3 +243,23 @@ def test_llama_refuses_what_the_reference_lacks_by_name():
         llama_to_reference(TINY_MOE).check(source, engine)
     assert "'model.layers.0.mlp.gate_proj.weight'" in str(err.value)
     assert "'model.layers.1.block_sparse_moe.experts.0.w3.weight'" in str(err.value)
+
+
+def test_checked_mappings_ask_the_engine_once_and_check_each_layout_once():
+    asked = []
+
+    def engine():
+        asked.append(1)
+        return {"w": ([2, 3], "float32")}  # as it comes over Ray: lists
+
+    checks = CheckedMappings(engine)
+    mapping = WeightMapping(rules=(Table(names={"v": "w"}, ops=(Transpose(axes=(1, 0)),)),))
+    for _ in range(3):
+        out = checks.mapped({"v": arange(3, 2)}, mapping)
+        assert dict(out.items())["w"].shape == (2, 3)
+    checks.mapped(iter([("v", arange(3, 2))]), mapping)  # pairs are taken too
+    assert asked == [1] and len(checks._passed) == 1
+    with pytest.raises(WeightMismatchError, match=r"mapped by no rule: \['x'\]"):
+        checks.mapped({"v": arange(3, 2), "x": arange(1)}, mapping)
+    with pytest.raises(ConfigError, match="not a int"):
+        checks.mapped(3, mapping)
