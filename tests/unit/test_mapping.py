@@ -263,3 +263,25 @@ def test_checked_mappings_ask_the_engine_once_and_check_each_layout_once():
         checks.mapped({"v": arange(3, 2), "x": arange(1)}, mapping)
     with pytest.raises(ConfigError, match="not a int"):
         checks.mapped(3, mapping)
+
+
+def test_mapped_views_pack_into_buckets_and_ring_slots():
+    from fd_ray_sync.buckets import iter_buckets
+    from fd_ray_sync.ipc import BucketRing
+
+    state = {"a": arange(3, 4), "b": torch.arange(6, dtype=torch.float32).bfloat16()}
+    mapping = WeightMapping(
+        rules=(Table(names={"a": "aT"}, ops=(Transpose(axes=(1, 0)),)), Table(names={"b": "b"}))
+    )
+    (meta, arrays), *_ = list(iter_buckets(mapping.mapped(state), 1 << 20))
+    assert [(t.name, t.shape, t.dtype) for t in meta.tensors] == [
+        ("aT", (4, 3), "float32"),
+        ("b", (6,), "bfloat16"),
+    ]
+    np.testing.assert_array_equal(arrays[0], state["a"].T)
+    ring = BucketRing(2, 1 << 20, shared=False)
+    packed = ring.pack(0, list(mapping.apply(state)))
+    t = packed.tensors[0]
+    got = ring.slots[0][t.offset : t.offset + t.nbytes].view(np.float32).reshape(t.shape)
+    np.testing.assert_array_equal(got, state["a"].T)
+    ring.close()
