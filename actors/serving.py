@@ -122,6 +122,10 @@ class ServingMixin:
     def shard_plans(self) -> dict[int, dict]:
         return self._phase("shard_plan", lambda a: a.shard_plan.remote())
 
+    def manifest(self) -> dict:
+        """The engine's full names, shapes and dtypes (rank 0's: every rank has the same)."""
+        return self._phase("manifest", lambda a: a.manifest.remote(), ranks=[0])[0]
+
     @ray.method(concurrency_group="status")
     def status(self) -> dict:
         ranks = []

@@ -87,6 +87,14 @@ class WeightManagerActor:
     def shard_plan(self) -> dict:
         return {n: s.model_dump() for n, s in self._engine().shard_plan().items()}
 
+    def manifest(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Parameter name -> (full shape, dtype): what a mapped update must produce."""
+        full = self._engine().full_shapes()
+        return {
+            n: (tuple(full.get(n, param_shape(p))), param_dtype(p))
+            for n, p in self._manager().params.items()
+        }
+
     def _engine(self) -> InferenceEngine:
         if self.engine is None:
             raise StateError(f"rank {self.rank} is not set up")

@@ -30,6 +30,7 @@ from fd_ray_sync.config import FEED_THREADS, FleetConfig, ParallelConfig
 from fd_ray_sync.errors import ConfigError, StateError, WeightSyncError
 from fd_ray_sync.ipc import BucketRing, Registration, aligned
 from fd_ray_sync.log import get_logger
+from fd_ray_sync.mapping import CheckedMappings, WeightMapping
 from fd_ray_sync.messages import GenerationResult, TensorMeta, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, local_store_room
 from fd_ray_sync.routing import Router
@@ -66,6 +67,7 @@ class Fleet:
         self._held: list[list] = []  # bucket refs of the committed (and an unsure) version
         self._ring: BucketRing | None = None  # the ipc or collective transport's, once used
         self._end: TrainerEnd | None = None  # the collective transport's group, once used
+        self._mappings = CheckedMappings(lambda: _get(self.coordinator.manifest.remote()))
 
     @classmethod
     def launch(
@@ -121,6 +123,7 @@ class Fleet:
         version: str | int,
         force: bool = False,
         verify_fingerprints: bool = True,
+        mapping: WeightMapping | None = None,
     ) -> UpdateReport:
         """Push full (unsharded) weights to every rank; returns when committed or raises.
 
@@ -140,7 +143,13 @@ class Fleet:
 
         With `verify_fingerprints`, each rank's weights must match the fingerprint computed
         here for its slice.
+
+        With `mapping` (`fd_ray_sync.mapping`), `weights` have the trainer's names and
+        layouts: they are checked against the engine's (once per fleet handle and source
+        manifest) before anything moves, then mapped one tensor at a time as they are packed.
         """
+        if mapping is not None:
+            weights = self._mappings.mapped(weights, mapping)
         if isinstance(weights, Registration):
             return self._update_registered(weights, version, force, verify_fingerprints)
         load = self.config.load

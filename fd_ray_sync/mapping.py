@@ -1,0 +1,563 @@
+"""Name and layout mapping: what the trainer holds -> what the engine holds.
+
+A `WeightMapping` is data (frozen models, no callables), so it can be logged, compared and
+cached. Each rule claims source names by regex (full match) and says what they become:
+
+    Rename(source=r"model\\.norm\\.(weight|bias)", target=r"ln_f.\\1")           1 -> 1
+    Table(names={"lm_head.weight": "lm_head.weight"}, ops=(Transpose(axes=(1, 0)),))
+    Fuse(sources=(r"(.*)\\.q", r"(.*)\\.k", r"(.*)\\.v"), target=r"\\1.qkv", axis=0)   n -> 1
+    Split(source=r"(.*)\\.qkv", targets=(r"\\1.q", r"\\1.k", r"\\1.v"), axis=0)       1 -> n
+
+and `ops` (Reshape, Transpose, Cast) re-lay the tensor: after a fuse joins its sources,
+before a split cuts its one. Sources of one fuse are grouped by the target they expand to.
+
+`check(source, engine)` runs on names, shapes and dtypes only and lists every problem at
+once: a source name no rule claims or two rules claim, an engine name produced by nothing or
+twice, a produced name the engine lacks, a shape or dtype that does not come out as the
+engine holds it. `apply(state)` then yields `(engine_name, tensor)` one rule at a time,
+reading only that rule's sources, so a trainer holds its own weights plus one mapped tensor.
+
+Tensors are handled as (storage array, dtype string) pairs like `fd_ray_sync.tensors`: a
+bfloat16 tensor is its uint16 bits, which concatenate, reshape and transpose like any other;
+a bfloat16 result is handed on as a torch (else paddle) tensor viewing those bits, because
+numpy has no bfloat16 and the update path reads dtypes from tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fd_ray_sync.errors import ConfigError, WeightMismatchError
+from fd_ray_sync.tensors import shape_and_dtype, storage_dtype, to_host
+
+if TYPE_CHECKING:
+    from fd_ray_sync.engine.model import ModelConfig
+
+Manifest = Mapping[str, tuple[tuple[int, ...], str]]
+"""Name -> (full shape, dtype string)."""
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+# --- layout operations ----------------------------------------------------------------------
+
+
+class Reshape(BaseModel):
+    """numpy reshape; one entry may be -1."""
+
+    model_config = _FROZEN
+    op: Literal["reshape"] = "reshape"
+    shape: tuple[int, ...]
+
+    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        size, known = math.prod(shape), [d for d in self.shape if d != -1]
+        if self.shape.count(-1) > 1 or any(d < -1 for d in self.shape):
+            raise ValueError(f"bad reshape {self.shape}")
+        if self.shape.count(-1) == 1:
+            if not math.prod(known) or size % math.prod(known):
+                raise ValueError(f"cannot reshape {shape} to {self.shape}")
+            return tuple(size // math.prod(known) if d == -1 else d for d in self.shape)
+        if math.prod(self.shape) != size:
+            raise ValueError(f"cannot reshape {shape} to {self.shape}")
+        return self.shape
+
+    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+        return array.reshape(self.shape), dtype
+
+
+class Transpose(BaseModel):
+    """numpy transpose by `axes` (a view; copied when packed)."""
+
+    model_config = _FROZEN
+    op: Literal["transpose"] = "transpose"
+    axes: tuple[int, ...]
+
+    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if sorted(self.axes) != list(range(len(shape))):
+            raise ValueError(f"axes {self.axes} do not permute a {len(shape)}-d shape {shape}")
+        return tuple(shape[a] for a in self.axes)
+
+    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+        return array.transpose(self.axes), dtype
+
+
+class Cast(BaseModel):
+    """Convert to `dtype` (a dtype string of `fd_ray_sync.tensors`; bfloat16 rounds to
+    nearest even)."""
+
+    model_config = _FROZEN
+    op: Literal["cast"] = "cast"
+    dtype: str
+
+    @field_validator("dtype")
+    @classmethod
+    def _known(cls, dtype: str) -> str:
+        storage_dtype(dtype)
+        return dtype
+
+    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+        return cast(array, dtype, self.dtype), self.dtype
+
+
+Op = Annotated[Reshape | Transpose | Cast, Field(discriminator="op")]
+
+
+def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Storage array of dtype `src` -> storage array of dtype `dst`."""
+    if src == dst:
+        return array
+    if src == "bfloat16":
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+        return array if dst == "float32" else array.astype(storage_dtype(dst))
+    if dst == "bfloat16":
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        out = rounded.astype(np.uint16)
+        nan = np.isnan(bits.view(np.float32))
+        if nan.any():
+            out[nan] = 0x7FC0  # rounding could carry a NaN's payload into infinity
+        return out
+    return array.astype(storage_dtype(dst))
+
+
+def _run_ops(ops: Sequence[Op], array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    for op in ops:
+        array, dtype = op.run(array, dtype)
+    return array, dtype
+
+
+def _ops_shape(ops: Sequence[Op], shape: tuple[int, ...], dtype: str) -> tuple[tuple, str]:
+    for op in ops:
+        if isinstance(op, Cast):
+            dtype = op.dtype
+        else:
+            shape = op.shape_of(shape)
+    return shape, dtype
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+class _Step(BaseModel):
+    """One application of a rule: these sources, in order, make these targets."""
+
+    model_config = _FROZEN
+    rule: int
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+
+
+class Rename(BaseModel):
+    """Each source name fully matching `source` becomes `target` (a `re.Match.expand`
+    template: `\\1`, `\\g<name>`), re-laid by `ops`."""
+
+    model_config = _FROZEN
+    kind: Literal["rename"] = "rename"
+    source: str
+    target: str
+    ops: tuple[Op, ...] = ()
+
+    def claims(self, names: Sequence[str]) -> tuple[list[tuple[tuple, tuple]], list[str]]:
+        pattern, steps = re.compile(self.source), []
+        for name in names:
+            if m := pattern.fullmatch(name):
+                steps.append(((name,), (m.expand(self.target),)))
+        return steps, []
+
+    def shapes(self, shapes: list[tuple], dtypes: list[str]) -> list[tuple[tuple, str]]:
+        return [_ops_shape(self.ops, shapes[0], dtypes[0])]
+
+    def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
+        return [_run_ops(self.ops, *arrays[0])]
+
+
+class Table(BaseModel):
+    """Exact names: source -> target, re-laid by `ops`."""
+
+    model_config = _FROZEN
+    kind: Literal["table"] = "table"
+    names: dict[str, str]
+    ops: tuple[Op, ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((self.kind, tuple(self.names.items()), self.ops))
+
+    def claims(self, names: Sequence[str]) -> tuple[list[tuple[tuple, tuple]], list[str]]:
+        return [((n,), (self.names[n],)) for n in names if n in self.names], []
+
+    shapes = Rename.shapes
+    run = Rename.run
+
+
+class Fuse(BaseModel):
+    """One name from each of `sources` (matches expanding to the same `target`) joined along
+    `axis`: concatenated, or stacked on a new axis there (`stack`), then `ops`."""
+
+    model_config = _FROZEN
+    kind: Literal["fuse"] = "fuse"
+    sources: tuple[str, ...] = Field(min_length=1)
+    target: str
+    axis: int = 0
+    stack: bool = False
+    ops: tuple[Op, ...] = ()
+
+    def claims(self, names: Sequence[str]) -> tuple[list[tuple[tuple, tuple]], list[str]]:
+        patterns = [re.compile(p) for p in self.sources]
+        groups: dict[str, list[str | None]] = {}
+        problems = []
+        for name in names:
+            for i, pattern in enumerate(patterns):
+                if m := pattern.fullmatch(name):
+                    slot = groups.setdefault(m.expand(self.target), [None] * len(patterns))
+                    if slot[i] is not None:
+                        problems.append(f"{slot[i]!r} and {name!r} both fuse into the same place")
+                    slot[i] = name
+        steps = []
+        for target, slot in groups.items():
+            if None in slot:
+                lacking = [self.sources[i] for i, n in enumerate(slot) if n is None]
+                problems.append(f"{target!r} is fused from {slot} but lacks {lacking}")
+            else:
+                steps.append((tuple(slot), (target,)))
+        return steps, problems
+
+    def shapes(self, shapes: list[tuple], dtypes: list[str]) -> list[tuple[tuple, str]]:
+        if len(set(dtypes)) > 1:
+            raise ValueError(f"sources of different dtypes {dtypes}")
+        first = shapes[0]
+        if self.stack:
+            if len(set(shapes)) > 1:
+                raise ValueError(f"cannot stack shapes {shapes}")
+            if not 0 <= self.axis <= len(first):
+                raise ValueError(f"axis {self.axis} out of range for stacking {first}")
+            joined = (*first[: self.axis], len(shapes), *first[self.axis :])
+        else:
+            if not 0 <= self.axis < len(first):
+                raise ValueError(f"axis {self.axis} out of range for {first}")
+            rest = {s[: self.axis] + s[self.axis + 1 :] for s in shapes}
+            if len(rest) > 1 or len({len(s) for s in shapes}) > 1:
+                raise ValueError(f"cannot concatenate shapes {shapes} along axis {self.axis}")
+            joined = list(first)
+            joined[self.axis] = sum(s[self.axis] for s in shapes)
+        return [_ops_shape(self.ops, tuple(joined), dtypes[0])]
+
+    def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
+        join = np.stack if self.stack else np.concatenate
+        return [_run_ops(self.ops, join([a for a, _ in arrays], axis=self.axis), arrays[0][1])]
+
+
+class Split(BaseModel):
+    """Each name matching `source`, re-laid by `ops`, cut along `axis` into `targets`:
+    by `sizes`, or in equal parts."""
+
+    model_config = _FROZEN
+    kind: Literal["split"] = "split"
+    source: str
+    targets: tuple[str, ...] = Field(min_length=1)
+    axis: int = 0
+    sizes: tuple[int, ...] | None = None
+    ops: tuple[Op, ...] = ()
+
+    def claims(self, names: Sequence[str]) -> tuple[list[tuple[tuple, tuple]], list[str]]:
+        pattern, steps = re.compile(self.source), []
+        for name in names:
+            if m := pattern.fullmatch(name):
+                steps.append(((name,), tuple(m.expand(t) for t in self.targets)))
+        return steps, []
+
+    def _sizes(self, length: int) -> tuple[int, ...]:
+        if self.sizes is not None:
+            if len(self.sizes) != len(self.targets) or sum(self.sizes) != length:
+                raise ValueError(
+                    f"sizes {self.sizes} do not cut {length} into {len(self.targets)} parts"
+                )
+            return self.sizes
+        if length % len(self.targets):
+            raise ValueError(f"{length} does not split into {len(self.targets)} equal parts")
+        return (length // len(self.targets),) * len(self.targets)
+
+    def shapes(self, shapes: list[tuple], dtypes: list[str]) -> list[tuple[tuple, str]]:
+        shape, dtype = _ops_shape(self.ops, shapes[0], dtypes[0])
+        if not 0 <= self.axis < len(shape):
+            raise ValueError(f"axis {self.axis} out of range for {shape}")
+        return [
+            ((*shape[: self.axis], n, *shape[self.axis + 1 :]), dtype)
+            for n in self._sizes(shape[self.axis])
+        ]
+
+    def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
+        array, dtype = _run_ops(self.ops, *arrays[0])
+        cuts = np.cumsum(self._sizes(array.shape[self.axis]))[:-1]
+        return [(part, dtype) for part in np.split(array, cuts, axis=self.axis)]
+
+
+Rule = Annotated[Rename | Table | Fuse | Split, Field(discriminator="kind")]
+
+
+# --- the mapping ----------------------------------------------------------------------------
+
+
+class WeightMapping(BaseModel):
+    """Rules from the trainer's names and layouts to the engine's. Every source name must be
+    claimed by exactly one rule, and every engine name made exactly once (`check`)."""
+
+    model_config = _FROZEN
+    rules: tuple[Rule, ...]
+
+    def plan(self, names: Sequence[str]) -> tuple[list[_Step], list[str]]:
+        """The steps over `names` (in the order of each step's first source) and the naming
+        problems: unclaimed, doubly claimed, half-fused sources; targets made twice."""
+        problems: list[str] = []
+        steps: list[_Step] = []
+        claimed: dict[str, list[int]] = {}
+        for i, rule in enumerate(self.rules):
+            found, trouble = rule.claims(names)
+            problems += [f"rule {i} ({rule.kind}): {p}" for p in trouble]
+            for sources, targets in found:
+                steps.append(_Step(rule=i, sources=sources, targets=targets))
+                for s in sources:
+                    claimed.setdefault(s, []).append(i)
+        unmapped = [n for n in names if n not in claimed]
+        if unmapped:
+            problems.append(f"mapped by no rule: {unmapped}")
+        doubly = {n: r for n, r in claimed.items() if len(r) > 1}
+        if doubly:
+            problems.append(
+                "mapped twice: "
+                + ", ".join(f"{n!r} (rules {r})" for n, r in sorted(doubly.items()))
+            )
+        made: dict[str, list[tuple[str, ...]]] = {}
+        for step in steps:
+            for t in step.targets:
+                made.setdefault(t, []).append(step.sources)
+        twice = {t: s for t, s in made.items() if len(s) > 1}
+        if twice:
+            problems.append(
+                "engine names made twice: "
+                + ", ".join(f"{t!r} (from {[list(s) for s in v]})" for t, v in twice.items())
+            )
+        order = {n: k for k, n in enumerate(names)}
+        steps.sort(key=lambda s: order[s.sources[0]])
+        return steps, problems
+
+    def check(self, source: Manifest, engine: Manifest) -> None:
+        """Raise WeightMismatchError listing every problem of mapping `source` onto `engine`
+        (both name -> (shape, dtype)); nothing is read but names, shapes and dtypes."""
+        steps, problems = self.plan(list(source))
+        made: set[str] = set()
+        for step in steps:
+            made.update(step.targets)
+            rule = self.rules[step.rule]
+            try:
+                outs = rule.shapes(
+                    [tuple(source[s][0]) for s in step.sources],
+                    [source[s][1] for s in step.sources],
+                )
+            except ValueError as e:
+                problems.append(f"{list(step.targets)} from {list(step.sources)}: {e}")
+                continue
+            for target, (shape, dtype) in zip(step.targets, outs):
+                if target not in engine:
+                    continue  # listed once below
+                want_shape, want_dtype = tuple(engine[target][0]), engine[target][1]
+                if (tuple(shape), dtype) != (want_shape, want_dtype):
+                    problems.append(
+                        f"{target!r} from {list(step.sources)} comes out {dtype} {tuple(shape)}, "
+                        f"the engine holds {want_dtype} {want_shape}"
+                    )
+        unknown = sorted(made - set(engine))
+        if unknown:
+            problems.append(f"made but not in the engine: {unknown}")
+        missing = [n for n in engine if n not in made]
+        if missing:
+            problems.append(f"engine names made by nothing: {missing}")
+        if problems:
+            raise WeightMismatchError("weight mapping refused: " + "; ".join(problems))
+
+    def apply(self, state: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        """`(engine_name, tensor)` pairs, one rule application at a time (lazily; only its
+        sources are read). Tensors: numpy arrays, or torch/paddle for bfloat16."""
+        return iter(self.mapped(state).items())
+
+    def mapped(self, state: Mapping[str, Any]) -> MappedState:
+        """`state` as a read-only mapping of engine names, computed on access."""
+        return MappedState(self, state)
+
+
+def manifest_of(state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of paddle, torch or numpy tensors, reading no data."""
+    return {name: shape_and_dtype(t) for name, t in state.items()}
+
+
+class CheckedMappings:
+    """The mappings one fleet handle has checked: the engine's manifest is asked for once
+    (on first use), each (mapping, source manifest) pair checked once, so a trainer pushing
+    the same layout every step pays for the check on its first update only."""
+
+    def __init__(self, engine_manifest: Callable[[], Manifest]):
+        self._ask = engine_manifest
+        self._engine: Manifest | None = None
+        self._passed: set[tuple] = set()
+
+    def mapped(self, weights: Any, mapping: WeightMapping) -> MappedState:
+        """`weights` (a mapping or `(name, tensor)` pairs) mapped, after the check."""
+        if not isinstance(weights, Mapping):
+            try:
+                weights = dict(weights)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    "a weight mapping takes a mapping or (name, tensor) pairs, "
+                    f"not a {type(weights).__name__}"
+                ) from None
+        source = manifest_of(weights)
+        key = (mapping, tuple(source.items()))
+        if key not in self._passed:
+            if self._engine is None:
+                self._engine = {n: (tuple(s), d) for n, (s, d) in self._ask().items()}
+            mapping.check(source, self._engine)
+            self._passed.add(key)
+        return mapping.mapped(weights)
+
+
+class MappedState(Mapping):
+    """The engine-named view of a trainer's state: nothing is computed until asked for,
+    and nothing computed is kept. `items()` and `values()` run each rule once (a split's
+    targets come from one read of its source); `state[name]` runs the one rule making it."""
+
+    def __init__(self, mapping: WeightMapping, state: Mapping[str, Any]):
+        self.mapping, self.state = mapping, state
+        self.steps, problems = mapping.plan(list(state))
+        if problems:
+            raise WeightMismatchError("weight mapping refused: " + "; ".join(problems))
+        self._step_of = {t: step for step in self.steps for t in step.targets}
+
+    def _run(self, step: _Step) -> list[tuple[np.ndarray, str]]:
+        return self.mapping.rules[step.rule].run([to_host(self.state[s]) for s in step.sources])
+
+    def __getitem__(self, name: str) -> Any:
+        step = self._step_of[name]
+        out = dict(zip(step.targets, self._run(step)))
+        return _tensor(*out[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._step_of)
+
+    def __len__(self) -> int:
+        return len(self._step_of)
+
+    def _pairs(self) -> Iterator[tuple[str, Any]]:
+        for step in self.steps:
+            for target, (array, dtype) in zip(step.targets, self._run(step)):
+                yield target, _tensor(array, dtype)
+
+    def items(self) -> ItemsView:
+        return _Items(self)
+
+    def values(self) -> ValuesView:
+        return _Values(self)
+
+
+class _Items(ItemsView):
+    def __iter__(self):
+        return self._mapping._pairs()
+
+
+class _Values(ValuesView):
+    def __iter__(self):
+        return (t for _, t in self._mapping._pairs())
+
+
+def _tensor(array: np.ndarray, dtype: str) -> Any:
+    """A storage array as a tensor the update path reads back as `dtype`."""
+    if dtype != "bfloat16":
+        return array
+    bits = np.ascontiguousarray(array)
+    try:
+        import torch
+
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    except ImportError:
+        import paddle
+
+        return paddle.to_tensor(bits).view(paddle.bfloat16)
+
+
+# --- a ready mapping: Hugging Face Llama-style names -> the reference engine ------------------
+
+
+def llama_to_reference(config: ModelConfig) -> WeightMapping:
+    """Hugging Face Llama / Mixtral names and [out, in] Linear layouts -> the reference
+    engine's (`fd_ray_sync.engine.model`, [in, out] Linears). Both attention layouts map:
+    separate `q_proj`, `k_proj`, `v_proj` (fused here) or one `qkv_proj` (rows [q; k; v]);
+    either way the columns are re-laid per head as the engine's [head][q|k|v][head_dim].
+
+    The architecture stays the reference's, so the checkpoint carries what Llama lacks
+    under HF-style names (biases on every Linear and norm, `model.embed_positions.weight`,
+    `logit_scale`), and what the reference lacks is refused by name as unmapped: a gated
+    MLP's `gate_proj` / `gate_up_proj` and an expert's `w3` (the reference MLP and experts
+    are ungated GELU). Experts are Mixtral's `block_sparse_moe.experts.{e}.w1` (in) and
+    `.w2` (out), stacked into the engine's [E, ...] tensors.
+    """
+    d, heads = config.d_model, config.n_heads
+    layer = r"model\.layers\.(\d+)\."
+    t = Transpose(axes=(1, 0))
+    # [q; k; v] rows (each [heads][head_dim]) -> [head][q|k|v][head_dim] columns.
+    qkv_weight = (Reshape(shape=(3, heads, -1, d)), Transpose(axes=(1, 0, 2, 3)))
+    qkv_weight += (Reshape(shape=(3 * d, d)), t)
+    qkv_bias = (Reshape(shape=(3, heads, -1)), Transpose(axes=(1, 0, 2)), Reshape(shape=(3 * d,)))
+    attn = layer + r"self_attn\."
+    rules: list[Any] = [
+        Table(names={"model.embed_tokens.weight": "embed.weight"}),
+        Table(names={"model.embed_positions.weight": "pos_embed.weight"}),
+        Table(names={"logit_scale": "logit_scale"}),
+        Table(names={"lm_head.weight": "lm_head.weight"}, ops=(t,)),
+        Rename(source=r"model\.norm\.(weight|bias)", target=r"ln_f.\1"),
+        Rename(source=layer + r"input_layernorm\.(weight|bias)", target=r"layers.\1.ln1.\2"),
+        Rename(
+            source=layer + r"post_attention_layernorm\.(weight|bias)", target=r"layers.\1.ln2.\2"
+        ),
+        Rename(
+            source=attn + r"qkv_proj\.weight", target=r"layers.\1.attn.qkv.weight", ops=qkv_weight
+        ),
+        Rename(source=attn + r"qkv_proj\.bias", target=r"layers.\1.attn.qkv.bias", ops=qkv_bias),
+        Fuse(
+            sources=tuple(attn + rf"{p}_proj\.weight" for p in "qkv"),
+            target=r"layers.\1.attn.qkv.weight",
+            ops=qkv_weight,
+        ),
+        Fuse(
+            sources=tuple(attn + rf"{p}_proj\.bias" for p in "qkv"),
+            target=r"layers.\1.attn.qkv.bias",
+            ops=qkv_bias,
+        ),
+        Rename(source=attn + r"o_proj\.weight", target=r"layers.\1.attn.out.weight", ops=(t,)),
+        Rename(source=attn + r"o_proj\.bias", target=r"layers.\1.attn.out.bias"),
+        Rename(
+            source=layer + r"mlp\.(up|down)_proj\.weight",
+            target=r"layers.\1.mlp.\2.weight",
+            ops=(t,),
+        ),
+        Rename(source=layer + r"mlp\.(up|down)_proj\.bias", target=r"layers.\1.mlp.\2.bias"),
+    ]
+    if config.n_experts:
+        moe = layer + r"block_sparse_moe\."
+        rules.append(
+            Rename(source=moe + r"gate\.weight", target=r"layers.\1.mlp.gate.weight", ops=(t,))
+        )
+        for w in ("w1", "w2"):  # each expert's [out, in] -> stacked [E, in, out]
+            rules.append(
+                Fuse(
+                    sources=tuple(
+                        moe + rf"experts\.{e}\.{w}\.weight" for e in range(config.n_experts)
+                    ),
+                    target=rf"layers.\1.mlp.{w}",
+                    stack=True,
+                    ops=(Transpose(axes=(0, 2, 1)),),
+                )
+            )
+    return WeightMapping(rules=tuple(rules))
