@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from fd_ray_sync import fp8
+from fd_ray_sync import fp8, ipc, shm
 from fd_ray_sync.buckets import iter_buckets, slice_checksums
 from fd_ray_sync.checksum import digest, digests, fingerprint
 from fd_ray_sync.config import ParallelConfig
@@ -204,3 +204,23 @@ def test_the_fp8_engine_computes_with_the_dequantized_weights():
     np.testing.assert_allclose(engine.logits(tokens), dense.logits(tokens), rtol=0, atol=1e-5)
     assert engine.generate(["fp8"], 8) == dense.generate(["fp8"], 8)
     ReferenceEngine(config, seed=5)  # seeding from the quantized state works too
+
+
+def test_shared_memory_keeps_fp8_tensors_fp8_and_registrable():
+    bits = fp8.encode(np.linspace(-2, 2, 32, dtype=np.float32).reshape(4, 8), "float8_e5m2")
+    state = {
+        "t": torch.from_numpy(bits.copy()).view(torch.float8_e5m2),
+        "n": tagged(bits, "float8_e5m2"),
+    }
+    shared = ipc.share(state)
+    try:
+        assert shared["t"].dtype == torch.float8_e5m2
+        assert shared["n"].bits_dtype == "float8_e5m2"
+        metas = ipc.Registration(shared).tensors()
+        assert [(m.name, m.dtype, m.nbytes) for m in metas] == [
+            ("t", "float8_e5m2", 32),
+            ("n", "float8_e5m2", 32),
+        ]
+        np.testing.assert_array_equal(shared["t"].view(torch.uint8).numpy(), bits)
+    finally:
+        shm.release()
