@@ -224,3 +224,16 @@ def test_shared_memory_keeps_fp8_tensors_fp8_and_registrable():
         np.testing.assert_array_equal(shared["t"].view(torch.uint8).numpy(), bits)
     finally:
         shm.release()
+
+
+def test_quantize_state_dict_is_what_the_fp8_preset_is_seeded_with():
+    config = preset("tiny_fp8")
+    dense = init_full_state_dict(preset("tiny"), seed=6)
+    got = fp8.quantize_state_dict(dense, quantized_names(config), config.weight_dtype)
+    want = init_full_state_dict(config, seed=6)
+    assert list(got) == list(want) == list(full_shapes(config))
+    for name, array in want.items():
+        assert getattr(got[name], "bits_dtype", "") == getattr(array, "bits_dtype", "")
+        np.testing.assert_array_equal(got[name], array)
+    with pytest.raises(WeightMismatchError, match="not in the state dict"):
+        fp8.quantize_state_dict(dense, {"nope.weight"}, "float8_e5m2")
