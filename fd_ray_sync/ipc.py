@@ -34,7 +34,14 @@ from fd_ray_sync.checksum import copy_and_digest, copy_and_digests
 from fd_ray_sync.errors import StateError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
-from fd_ray_sync.tensors import shape_and_dtype, storage_dtype, to_host
+from fd_ray_sync.tensors import (
+    BITS_DTYPES,
+    from_bits,
+    shape_and_dtype,
+    storage_dtype,
+    tagged,
+    to_host,
+)
 
 
 def aligned(nbytes: int) -> int:
@@ -165,12 +172,11 @@ def share(weights: Mapping[str, Any]) -> dict[str, Any]:
 def _like(original: Any, array: np.ndarray, dtype: str) -> Any:
     """`array` as the framework type of `original` (sharing its memory)."""
     if isinstance(original, np.ndarray):
-        return array
+        return tagged(array, dtype) if dtype in BITS_DTYPES else array
     if type(original).__module__.startswith("torch"):
         import torch
 
-        t = torch.from_numpy(array)
-        return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+        return from_bits(torch.from_numpy(array), dtype)
     raise WeightMismatchError(
         f"cannot place a {type(original).__name__} in shared memory: registered storage "
         "takes numpy arrays or CPU torch tensors (other trainers use the bucket ring)"

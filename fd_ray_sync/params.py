@@ -19,7 +19,8 @@ Sleeping at level 1 (`offload_param`, `reload_param`) keeps a host copy apart fr
 parameter: an owned numpy array for a CPU parameter, pinned host memory for a device one; the
 storage is then freed like a clear, and wake gives the cleared parameter fresh storage.
 
-bfloat16 crosses as uint16 storage on the numpy side (see fd_ray_sync.tensors).
+bfloat16 crosses as uint16 storage on the numpy side, float8_e4m3fn and float8_e5m2 as uint8
+(see fd_ray_sync.tensors): views of the parameter's bits, written bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fd_ray_sync.errors import StateError, WeightMismatchError
-from fd_ray_sync.tensors import as_storage, contiguous, dtype_name, to_host
+from fd_ray_sync.tensors import as_bits, as_storage, contiguous, dtype_name, from_bits, to_host
 
 
 class _Paddle:
@@ -51,14 +52,9 @@ class _Paddle:
 
     @staticmethod
     def host_view(t: Any, dtype: str) -> np.ndarray | None:
-        import paddle
-
         if not t._is_initialized() or not t.place.is_cpu_place():
             return None
-        t = t.detach()
-        if dtype == "bfloat16":
-            t = t.view(paddle.uint16)
-        return np.from_dlpack(t)
+        return np.from_dlpack(as_bits(t.detach(), dtype))
 
     @staticmethod
     def copy_into(t: Any, src: np.ndarray, dtype: str) -> None:
@@ -68,8 +64,7 @@ class _Paddle:
         # contiguous first because paddle's cross-device copy_ of a strided source is
         # unverified (on CPU it copies strided sources correctly).
         host = paddle.utils.dlpack.from_dlpack(_paddle_viewable(contiguous(src), dtype))
-        if dtype == "bfloat16":
-            host = host.view(paddle.bfloat16)
+        host = from_bits(host, dtype)
         t.copy_(host, True)  # into t's own allocation, on t's place: one host-to-device copy
 
     @staticmethod
@@ -77,8 +72,7 @@ class _Paddle:
         import paddle
 
         fresh = paddle.to_tensor(_paddle_viewable(contiguous(src), dtype))  # default device
-        if dtype == "bfloat16":
-            fresh = fresh.view(paddle.bfloat16)
+        fresh = from_bits(fresh, dtype)
         fresh._share_buffer_to(t)
 
     @staticmethod
@@ -130,7 +124,7 @@ class _Pinned(NamedTuple):
 
 def _paddle_viewable(src: np.ndarray, dtype: str) -> np.ndarray:
     """bfloat16 bits as int16: paddle views int16 as bfloat16 but has no such kernel for
-    uint16."""
+    uint16 (uint8 views as FP8 fine)."""
     return src.view(np.int16) if dtype == "bfloat16" else src
 
 
@@ -163,22 +157,15 @@ class _Torch:
 
     @staticmethod
     def host_view(t: Any, dtype: str) -> np.ndarray | None:
-        import torch
-
         if t.device.type != "cpu" or not _Torch.is_initialized(t):
             return None
-        t = t.detach()
-        if dtype == "bfloat16":
-            t = t.view(torch.uint16)
-        return np.from_dlpack(t)  # valid until the tensor is cleared
+        return np.from_dlpack(as_bits(t.detach(), dtype))  # valid until the tensor is cleared
 
     @staticmethod
     def copy_into(t: Any, src: np.ndarray, dtype: str) -> None:
         import torch
 
-        host = torch.from_dlpack(src)  # zero-copy, strides kept (read-only buffers too)
-        if dtype == "bfloat16":
-            host = host.view(torch.bfloat16)
+        host = from_bits(torch.from_dlpack(src), dtype)  # zero-copy, strides kept
         with torch.no_grad():
             t.detach().copy_(host)  # one copy, from the strided host tensor into t's storage
 

@@ -4,7 +4,8 @@ Layout: 8 bytes little-endian header length N, N bytes of JSON header
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`),
 then the data region; offsets are relative to the data region. The reader checks every
 entry against the file's real size before any byte is used, so a truncated or corrupt file
-is refused by name instead of producing garbage weights. bfloat16 is read as uint16 bits.
+is refused by name instead of producing garbage weights. bfloat16 is read as uint16 bits,
+F8_E4M3 (float8_e4m3fn) and F8_E5M2 (float8_e5m2) as uint8 bits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _CODE_TO_DTYPE = {
     "F32": "float32",
     "F16": "float16",
     "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",

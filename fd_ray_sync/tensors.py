@@ -1,8 +1,14 @@
 """Framework adapters: paddle, torch and numpy tensors as host numpy arrays, and back.
 
-Dtypes cross frameworks as strings ("float32", "bfloat16", ...). numpy has no bfloat16, so a
-bfloat16 tensor travels as a uint16 array of the same bits together with the string
-"bfloat16"; every function here takes or returns that (array, dtype) pair.
+Dtypes cross frameworks as strings ("float32", "bfloat16", ...). numpy has no bfloat16 and no
+FP8, so such a tensor travels as an unsigned integer array of the same bits together with its
+dtype string; every function here takes or returns that (array, dtype) pair:
+
+    bfloat16                      uint16 bits
+    float8_e4m3fn, float8_e5m2    uint8 bits   (safetensors F8_E4M3 / F8_E5M2)
+
+A numpy trainer hands such bits over as `tagged(bits, "float8_e4m3fn")`: an ndarray that
+remembers its dtype string through slicing (torch and paddle tensors carry their own dtype).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ _STORAGE: dict[str, np.dtype] = {
     "float32": np.dtype("float32"),
     "float16": np.dtype("float16"),
     "bfloat16": np.dtype("uint16"),
+    "float8_e4m3fn": np.dtype("uint8"),
+    "float8_e5m2": np.dtype("uint8"),
     "int64": np.dtype("int64"),
     "int32": np.dtype("int32"),
     "int16": np.dtype("int16"),
@@ -26,7 +34,39 @@ _STORAGE: dict[str, np.dtype] = {
     "uint8": np.dtype("uint8"),
     "bool": np.dtype("bool"),
 }
-FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+FLOAT_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+)
+# Dtypes numpy lacks: their arrays are the bits, in the unsigned dtype `_STORAGE` names.
+BITS_DTYPES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+# NaN/Inf test on the bits: (mask, value) such that `bits & mask == value` is not finite.
+# e4m3fn has no Inf; its NaN is S.1111.111. bfloat16 and e5m2 are IEEE-like: exponent all ones.
+_NOT_FINITE = {
+    "bfloat16": (0x7F80, 0x7F80),
+    "float8_e4m3fn": (0x7F, 0x7F),
+    "float8_e5m2": (0x7C, 0x7C),
+}
+
+
+class TaggedBits(np.ndarray):
+    """The bits of a tensor of a dtype numpy lacks, with its dtype string in `bits_dtype`;
+    views and slices keep the tag. Arithmetic on it is arithmetic on bits, not values."""
+
+    bits_dtype: str
+
+    def __array_finalize__(self, obj) -> None:
+        self.bits_dtype = getattr(obj, "bits_dtype", "")
+
+
+def tagged(bits: np.ndarray, dtype: str) -> TaggedBits:
+    """`bits` (the storage dtype of `dtype`, e.g. uint8 for FP8) tagged with `dtype`; no copy."""
+    if dtype not in BITS_DTYPES:
+        raise WeightMismatchError(
+            f"{dtype!r} needs no tag; tagged bits are for {', '.join(sorted(BITS_DTYPES))}"
+        )
+    out = as_storage(np.asarray(bits), dtype).view(TaggedBits)
+    out.bits_dtype = dtype
+    return out
 
 
 def known_dtypes() -> list[str]:
@@ -60,7 +100,8 @@ def to_host(tensor: Any) -> tuple[np.ndarray, str]:
     copied to host).
     """
     if isinstance(tensor, np.ndarray):
-        return tensor, dtype_name(tensor.dtype)
+        dtype = getattr(tensor, "bits_dtype", "") or dtype_name(tensor.dtype)
+        return as_storage(tensor.view(np.ndarray), dtype), dtype
     module = type(tensor).__module__
     if module.startswith("paddle"):
         return _paddle_to_host(tensor)
@@ -73,6 +114,8 @@ def to_host(tensor: Any) -> tuple[np.ndarray, str]:
 
 def shape_and_dtype(tensor: Any) -> tuple[tuple[int, ...], str]:
     """`tensor`'s shape and dtype string, without reading or copying its data."""
+    if isinstance(tensor, TaggedBits):
+        return tuple(int(d) for d in tensor.shape), tensor.bits_dtype
     if type(tensor).__module__.split(".")[0] not in ("numpy", "paddle", "torch"):
         raise WeightMismatchError(
             f"cannot read a {type(tensor).__name__}: expected a numpy, paddle or torch tensor"
@@ -81,29 +124,47 @@ def shape_and_dtype(tensor: Any) -> tuple[tuple[int, ...], str]:
 
 
 def _paddle_to_host(t: Any) -> tuple[np.ndarray, str]:
-    import paddle
-
     name = dtype_name(t.dtype)
     t = t.detach()
     if not t.place.is_cpu_place():
         t = t.cpu()
-    if name == "bfloat16":
-        t = t.view(paddle.uint16)
+    t = as_bits(t, name)
     if not t.is_contiguous():
         t = t.contiguous()
     return np.from_dlpack(t), name
 
 
 def _torch_to_host(t: Any) -> tuple[np.ndarray, str]:
-    import torch
-
     name = dtype_name(t.dtype)
-    t = t.detach().cpu()
-    if name == "bfloat16":
-        t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
+    t = as_bits(t.detach().cpu(), name)
     # DLPack, not `.numpy()`: that marks the storage not resizable for good, and a trainer
     # that frees its parameters' storage between steps (FSDP) could no longer do so.
     return np.from_dlpack(t.contiguous()).view(storage_dtype(name)), name
+
+
+def as_bits(t: Any, dtype: str) -> Any:
+    """A paddle or torch tensor of a dtype numpy lacks viewed as its unsigned bits (DLPack
+    carries neither FP8, nor bfloat16 to numpy); any other tensor as it is. No copy."""
+    if dtype not in BITS_DTYPES:
+        return t
+    module = _framework_module(t)
+    name = storage_dtype(dtype).name  # "uint8", "uint16"
+    if not hasattr(module, name):  # torch before 2.3 has no uint16
+        name = name.replace("uint", "int")
+    return t.view(getattr(module, name))
+
+
+def from_bits(t: Any, dtype: str) -> Any:
+    """The inverse of `as_bits`: a paddle or torch tensor of bits viewed as `dtype`."""
+    if dtype not in BITS_DTYPES:
+        return t
+    return t.view(getattr(_framework_module(t), dtype))
+
+
+def _framework_module(t: Any) -> Any:
+    import importlib
+
+    return importlib.import_module(type(t).__module__.split(".", 1)[0])
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
@@ -123,11 +184,11 @@ def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def all_finite(array: np.ndarray, dtype: str) -> bool:
-    """True unless a float tensor holds NaN or Inf (bfloat16 read from its bits: an
-    exponent of all ones)."""
-    if dtype == "bfloat16":
-        exponent = np.bitwise_and(as_storage(array, dtype), np.uint16(0x7F80))
-        return not (exponent == 0x7F80).any()
+    """True unless a float tensor holds NaN or Inf (bfloat16 and FP8 read from their bits)."""
+    if dtype in _NOT_FINITE:
+        bits = as_storage(array, dtype)
+        mask, value = (bits.dtype.type(v) for v in _NOT_FINITE[dtype])
+        return not (np.bitwise_and(bits, mask) == value).any()
     if dtype in FLOAT_DTYPES:
         return bool(np.isfinite(array).all())
     return True

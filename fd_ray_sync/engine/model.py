@@ -16,6 +16,13 @@ weights are [in_features, out_features]):
     ln_f.*, lm_head.weight [d, vocab]                   replicated
     logit_scale []                                      replicated (a 0-d scalar)
 
+With `weight_dtype` an FP8 dtype, the qkv/out/up/down weights and the expert stacks w1/w2
+are held as FP8 bits, each followed by a float32 `<weight>_scale`, one per output channel
+(shape `weight.shape[:-2] + [out]`: [3d] for qkv, split like its bias; [d] for out,
+replicated; [E, ff] for w1, split over EP). `dense_weight` dequantizes on use,
+`decode(bits) * scale` (the convention of `fd_ray_sync.fp8`); embeddings, norms, biases, the
+gate and lm_head stay float32.
+
 Parameters may be cleared (`_clear_data()`) and refilled by the weight manager between calls,
 so nothing derived from a parameter is ever kept across calls.
 """
@@ -39,9 +46,12 @@ from fd_ray_sync.errors import ConfigError, StateError, WeightMismatchError
 from fd_ray_sync.params import param_dtype, write_param
 from fd_ray_sync.sharding import REPLICATED, ShardSpec
 from fd_ray_sync.status import KVCacheStatus
-from fd_ray_sync.tensors import dtype_name
+from fd_ray_sync.tensors import to_host
 
-_ITEMSIZE = {"float32": 4}
+_ITEMSIZE = {"float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
+# Within a block: the weights held in FP8 when `weight_dtype` is an FP8 dtype.
+_QUANTIZED = ("attn.qkv.weight", "attn.out.weight", "mlp.up.weight", "mlp.down.weight")
+_QUANTIZED_MOE = ("mlp.w1", "mlp.w2")
 
 # --- configuration and pure planning functions --------------------------------------------
 
@@ -63,6 +73,11 @@ class ModelConfig(BaseModel):
     moe_every: int = Field(2, ge=1, description="Every k-th block's MLP is MoE (n_experts > 0).")
     top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
     dtype: Literal["float32"] = Field("float32", description="Parameter dtype.")
+    weight_dtype: Literal["float32", "float8_e4m3fn", "float8_e5m2"] = Field(
+        "float32",
+        description="dtype of the attention, MLP and expert weights; an FP8 dtype adds a "
+        "float32 `<weight>_scale` per output channel, dequantized on use.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -75,6 +90,10 @@ class ModelConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_dtype != "float32"
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1
@@ -94,6 +113,17 @@ PRESETS: Mapping[str, ModelConfig] = {
     # Small enough for multi-process CPU tests; one dense block and one MoE block.
     "tiny": ModelConfig(
         d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=4, moe_every=2
+    ),
+    # "tiny" with its attention, MLP and expert weights in float8_e4m3fn (+ float32 scales).
+    "tiny_fp8": ModelConfig(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_ff=128,
+        max_seq_len=128,
+        n_experts=4,
+        moe_every=2,
+        weight_dtype="float8_e4m3fn",
     ),
     # Just over 1 GiB of float32 weights, for transfer benchmarks.
     "large_1g": ModelConfig(
@@ -143,12 +173,39 @@ def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down.bias": (d,),
             }
     shapes |= {"ln_f.weight": (d,), "ln_f.bias": (d,), "lm_head.weight": (d, config.vocab_size)}
-    return shapes
+    if not config.is_fp8:
+        return shapes
+    # Each FP8 weight is followed by its scale, as the layers create them.
+    with_scales: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        with_scales[name] = shape
+        if name in quantized_names(config):
+            with_scales[f"{name}_scale"] = (*shape[:-2], shape[-1])
+    return with_scales
+
+
+def quantized_names(config: ModelConfig) -> frozenset[str]:
+    """The full model's weights held in `config.weight_dtype` when that is an FP8 dtype
+    (empty for float32 weights); the trainer quantizes these (`fp8.quantize_state_dict`)."""
+    if not config.is_fp8:
+        return frozenset()
+    names = set()
+    for i in range(config.n_layers):
+        suffixes = _QUANTIZED_MOE if config.is_moe_layer(i) else _QUANTIZED[2:]
+        names |= {f"layers.{i}.{suffix}" for suffix in (*_QUANTIZED[:2], *suffixes)}
+    return frozenset(names)
+
+
+def full_dtypes(config: ModelConfig) -> dict[str, str]:
+    """Every parameter's dtype string, in `full_shapes` order."""
+    fp8 = quantized_names(config)
+    return {n: config.weight_dtype if n in fp8 else config.dtype for n in full_shapes(config)}
 
 
 def param_bytes(config: ModelConfig) -> int:
     """Bytes of the full model's parameters, computed from shapes without allocating."""
-    return _ITEMSIZE[config.dtype] * sum(math.prod(s) for s in full_shapes(config).values())
+    shapes = full_shapes(config)
+    return sum(_ITEMSIZE[d] * math.prod(shapes[n]) for n, d in full_dtypes(config).items())
 
 
 def _split(axis: int, parts: int, index: int) -> ShardSpec:
@@ -171,6 +228,11 @@ def shard_plan(config: ModelConfig, parallel: ParallelConfig) -> dict[str, Shard
         "mlp.down.weight": row,
         "mlp.w1": experts,
         "mlp.w2": experts,
+        # FP8 scales, one per output channel: split where the output axis is.
+        "attn.qkv.weight_scale": column_bias,
+        "mlp.up.weight_scale": column_bias,
+        "mlp.w1_scale": experts,
+        "mlp.w2_scale": experts,
     }
     return {
         name: by_suffix.get(name.split(".", 2)[2], REPLICATED)
@@ -207,16 +269,46 @@ class GroupAllReduce:
         return x
 
 
+def create_weight(layer: nn.Layer, name: str, shape: list[int], config: ModelConfig) -> None:
+    """`layer.<name>` of `shape` [..., in, out] in `config.weight_dtype`; for FP8 also
+    `layer.<name>_scale` [..., out], float32 (ones until the weights arrive)."""
+    if not config.is_fp8:
+        setattr(layer, name, layer.create_parameter(shape, dtype=config.dtype))
+        return
+    # paddle has no random initializer for FP8; the weights come from the trainer anyway.
+    zeros = nn.initializer.Constant(0.0)
+    setattr(
+        layer,
+        name,
+        layer.create_parameter(shape, dtype=config.weight_dtype, default_initializer=zeros),
+    )
+    scale = layer.create_parameter(
+        [*shape[:-2], shape[-1]], dtype="float32", default_initializer=nn.initializer.Constant(1.0)
+    )
+    setattr(layer, f"{name}_scale", scale)
+
+
+def dense_weight(layer: nn.Layer, name: str = "weight") -> paddle.Tensor:
+    """The float32 weight a matmul uses: `layer.<name>` itself, or its FP8 values times
+    `layer.<name>_scale` (per output channel), computed on every call (parameters may be
+    rewritten between calls)."""
+    weight = getattr(layer, name)
+    scale = getattr(layer, f"{name}_scale", None)
+    if scale is None:
+        return weight
+    return weight.astype(scale.dtype) * scale.unsqueeze(-2)
+
+
 class ColumnParallelLinear(nn.Layer):
     """y = x @ W[:, shard] + b[shard]: output features split over TP; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, parts: int, dtype: str):
+    def __init__(self, in_features: int, out_features: int, parts: int, config: ModelConfig):
         super().__init__()
-        self.weight = self.create_parameter([in_features, out_features // parts], dtype=dtype)
-        self.bias = self.create_parameter([out_features // parts], dtype=dtype, is_bias=True)
+        create_weight(self, "weight", [in_features, out_features // parts], config)
+        self.bias = self.create_parameter([out_features // parts], dtype=config.dtype, is_bias=True)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.matmul(x, self.weight) + self.bias
+        return paddle.matmul(x, dense_weight(self)) + self.bias
 
 
 class RowParallelLinear(nn.Layer):
@@ -226,15 +318,20 @@ class RowParallelLinear(nn.Layer):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, parts: int, reduce: GroupAllReduce, dtype: str
+        self,
+        in_features: int,
+        out_features: int,
+        parts: int,
+        reduce: GroupAllReduce,
+        config: ModelConfig,
     ):
         super().__init__()
-        self.weight = self.create_parameter([in_features // parts, out_features], dtype=dtype)
-        self.bias = self.create_parameter([out_features], dtype=dtype, is_bias=True)
+        create_weight(self, "weight", [in_features // parts, out_features], config)
+        self.bias = self.create_parameter([out_features], dtype=config.dtype, is_bias=True)
         self._reduce = reduce
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self._reduce(paddle.matmul(x, self.weight)) + self.bias
+        return self._reduce(paddle.matmul(x, dense_weight(self))) + self.bias
 
 
 def _causal_mask(queries: int, start: int) -> paddle.Tensor:
@@ -249,8 +346,8 @@ class Attention(nn.Layer):
         self.local_heads, self.head_dim = config.n_heads // tp, config.head_dim
         # qkv columns are laid out per head as [head][q|k|v][head_dim], so a contiguous
         # column chunk of the full weight is whole heads: exactly what ShardSpec can cut.
-        self.qkv = ColumnParallelLinear(d, 3 * d, tp, config.dtype)
-        self.out = RowParallelLinear(d, d, tp, reduce_tp, config.dtype)
+        self.qkv = ColumnParallelLinear(d, 3 * d, tp, config)
+        self.out = RowParallelLinear(d, d, tp, reduce_tp, config)
 
     def forward(self, x: paddle.Tensor, start: int, kv: tuple | None) -> paddle.Tensor:
         b, t, _ = x.shape
@@ -269,8 +366,8 @@ class Attention(nn.Layer):
 class DenseMLP(nn.Layer):
     def __init__(self, config: ModelConfig, tp: int, reduce_tp: GroupAllReduce):
         super().__init__()
-        self.up = ColumnParallelLinear(config.d_model, config.d_ff, tp, config.dtype)
-        self.down = RowParallelLinear(config.d_ff, config.d_model, tp, reduce_tp, config.dtype)
+        self.up = ColumnParallelLinear(config.d_model, config.d_ff, tp, config)
+        self.down = RowParallelLinear(config.d_ff, config.d_model, tp, reduce_tp, config)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -289,8 +386,8 @@ class MoE(nn.Layer):
         d, ff, self.top_k = config.d_model, config.d_ff, config.top_k
         self.local = config.n_experts // ep_size
         self.first = ep_rank * self.local
-        self.w1 = self.create_parameter([self.local, d, ff], dtype=config.dtype)
-        self.w2 = self.create_parameter([self.local, ff, d], dtype=config.dtype)
+        create_weight(self, "w1", [self.local, d, ff], config)
+        create_weight(self, "w2", [self.local, ff, d], config)
         self.gate = nn.Linear(d, config.n_experts, bias_attr=False)
         self._reduce = reduce_ep
 
@@ -303,8 +400,8 @@ class MoE(nn.Layer):
         # [n, E]: each token's weight per expert, zero for experts it was not routed to.
         combine = (F.one_hot(top_i, probs.shape[-1]) * top_w.unsqueeze(-1)).sum(axis=1)
         mine = combine[:, self.first : self.first + self.local].transpose([1, 0]).unsqueeze(-1)
-        hidden = F.gelu(paddle.matmul(tokens, self.w1))  # [local, n, ff]
-        out = (paddle.matmul(hidden, self.w2) * mine).sum(axis=0)  # [n, d]
+        hidden = F.gelu(paddle.matmul(tokens, dense_weight(self, "w1")))  # [local, n, ff]
+        out = (paddle.matmul(hidden, dense_weight(self, "w2")) * mine).sum(axis=0)  # [n, d]
         return self._reduce(out).reshape(shape)
 
 
@@ -466,7 +563,7 @@ def set_parameter(name: str, param: paddle.Tensor, array: np.ndarray) -> None:
         raise WeightMismatchError(
             f"parameter {name}: shape {tuple(array.shape)} given, model has {tuple(param.shape)}"
         )
-    dtype = dtype_name(array.dtype)
+    array, dtype = to_host(array)  # FP8 arrives as tagged uint8 bits
     if dtype != param_dtype(param):
         raise WeightMismatchError(
             f"parameter {name}: dtype {dtype} given, model has {param_dtype(param)}"

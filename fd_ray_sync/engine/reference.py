@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import paddle
 
+from fd_ray_sync import fp8
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
@@ -20,6 +21,7 @@ from fd_ray_sync.engine.model import (
     ModelConfig,
     assign_parameters,
     full_shapes,
+    quantized_names,
     set_parameter,
     shard_plan,
 )
@@ -27,6 +29,7 @@ from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.sharding import ShardSpec, shard_state_dict, take_shard
 from fd_ray_sync.status import KVCacheStatus
+from fd_ray_sync.tensors import tagged
 
 
 def iter_full_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -35,9 +38,24 @@ def iter_full_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str, 
     Scales keep activations near unit size, so logits are well separated and greedy choices
     do not flip on rounding differences between a sharded and a full model. Biases and
     norm weights are random too, so a bias added twice or a skipped norm shows in tests.
+
+    For an FP8 `weight_dtype`, the same float32 weights with each of `quantized_names`
+    quantized (`fp8.quantize`): its bits tagged with the dtype, then its `_scale`.
     """
+    fp8_names = quantized_names(config)
+    for name, array in _iter_float_state_dict(config, seed):
+        if name in fp8_names:
+            bits, scale = fp8.quantize(array, config.weight_dtype)
+            yield name, tagged(bits, config.weight_dtype)
+            yield f"{name}_scale", scale
+        else:
+            yield name, array
+
+
+def _iter_float_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    for name, shape in full_shapes(config).items():
+    float_config = config.model_copy(update={"weight_dtype": "float32"})
+    for name, shape in full_shapes(float_config).items():
         noise = rng.standard_normal(shape, dtype=np.float32)
         if not shape:  # the logit scale: positive, near 1
             yield name, np.asarray(1.0 + 0.1 * noise, dtype=np.float32)

@@ -1,5 +1,6 @@
 """fd_ray_sync.params on real paddle and torch CPU tensors: in-place writes, strided and
-read-only sources, bfloat16, 0-d tensors, cleared parameters.
+read-only sources,
+bfloat16 and FP8 (bit for bit), 0-d tensors, cleared parameters.
 
 `copy_into` is the device write (one copy into the parameter's own allocation); on this CPU
 machine it runs against CPU tensors, so its logic is covered even where no GPU is.
@@ -13,6 +14,7 @@ import paddle
 import pytest
 import torch
 
+from fd_ray_sync import fp8
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.params import (
     clear_param,
@@ -32,7 +34,7 @@ from fd_ray_sync.params import (
 from fd_ray_sync.tensors import to_host
 
 FRAMEWORKS = ["paddle", "torch"]
-DTYPES = ["float32", "bfloat16"]
+DTYPES = ["float32", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
 
 
 def make_param(fw, shape, dtype="float32"):
@@ -45,10 +47,12 @@ def make_param(fw, shape, dtype="float32"):
 
 def values(shape, dtype, seed=0):
     """Random values as the (storage array, dtype) pair the manager writes: bfloat16 as
-    the uint16 top halves of float32s."""
+    the uint16 top halves of float32s, FP8 as uint8 bits."""
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     if dtype == "bfloat16":
         return (x.view(np.uint32) >> 16).astype(np.uint16)
+    if dtype in fp8.FP8_DTYPES:
+        return fp8.encode(x, dtype)
     return x
 
 
