@@ -101,7 +101,8 @@ def to_host(tensor: Any) -> tuple[np.ndarray, str]:
     """
     if isinstance(tensor, np.ndarray):
         dtype = getattr(tensor, "bits_dtype", "") or dtype_name(tensor.dtype)
-        return as_storage(tensor.view(np.ndarray), dtype), dtype
+        plain = tensor if type(tensor) is np.ndarray else tensor.view(np.ndarray)  # untagged
+        return as_storage(plain, dtype), dtype
     module = type(tensor).__module__
     if module.startswith("paddle"):
         return _paddle_to_host(tensor)
