@@ -335,12 +335,14 @@ class TransactionMixin:
             checks = timed("verify", lambda a: a.verify.remote(fp))
             fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
             # A partial update's trainer saw only what it sent: what each rank wrote.
-            sent = {rank: c["written"] for rank, c in checks.items()} if partial else fingerprints
+            checked = (
+                {rank: c["written"] for rank, c in checks.items()} if partial else fingerprints
+            )
             what = "written tensors' fingerprint" if partial else "fingerprint"
             wrong = {
-                r: f"{what} {sent.get(r)}, trainer expected {want}"
+                r: f"{what} {checked.get(r)}, trainer expected {want}"
                 for r, want in (expected or {}).items()
-                if r in everyone and sent.get(r) != want
+                if r in everyone and checked.get(r) != want
             }
             if fp and (partial or not expected):  # replicas must at least agree
                 tp = self.config.tp

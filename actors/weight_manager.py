@@ -343,6 +343,21 @@ class WeightManagerActor:
         self._manager().on_write = hold
 
     @ray.method(concurrency_group="status")
+    def fail_after_writes(self, count: int) -> None:
+        """Fault-test hook: the next load fails (OSError) right after its `count`-th parameter
+        write, this process alive (a rollback test)."""
+        written = 0
+
+        def fail(name: str) -> None:
+            nonlocal written
+            written += 1
+            if written == count:
+                self._manager().on_write = None
+                raise OSError(f"fault injected after writing {name}")
+
+        self._manager().on_write = fail
+
+    @ray.method(concurrency_group="status")
     def memory(self) -> dict:
         """This process's memory in bytes (see fd_ray_sync.memwatch.memory_now)."""
         return memory_now()
