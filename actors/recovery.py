@@ -166,6 +166,33 @@ class RecoveryMixin:
         metrics.phase_seconds(self.config.name, "restore", self.restore_s[replica])
         metrics.committed_version(self.config.name, replica, spec.version)
 
+    def _roll_back(self, replica: int) -> bool:
+        """Undo a failed partial update on a replica: each rank writes back the old values of
+        the tensors it overwrote (only those), then must match its committed fingerprint.
+        False (logged) when that cannot be done: the caller restores the replica whole."""
+        ranks = self._replica_ranks(replica)
+        try:
+            checks = self._phase("rollback", lambda a: a.rollback.remote(), ranks)
+        except RankFailed as e:
+            self.log.warning("replica %d cannot roll back its partial update: %s", replica, e)
+            return False
+        wrong = {
+            r: f"fingerprint {checks[r]['fingerprint']}, committed {self._fingerprints[r]}"
+            for r in ranks
+            if self._fingerprints.get(r) not in (None, checks[r]["fingerprint"])
+        }
+        if wrong:
+            self.log.warning("replica %d rolled back to other weights: %s", replica, wrong)
+            return False
+        restored = sum(len(c["restored"]) for c in checks.values())
+        self.log.info(
+            "replica %d rolled back %d tensor(s) to version %s", replica, restored, self.version
+        )
+        self._ok[replica] = True
+        self._down.pop(replica, None)
+        self._sync_fronts([replica])
+        return True
+
     def _replica_down(self, replica: int, error: Exception) -> None:
         self._ok[replica] = False
         self._down[replica] = f"{type(error).__name__}: {error}"

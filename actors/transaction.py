@@ -9,6 +9,7 @@ place; all three run on the one `CoordinatorActor` and share its state (see its 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from fd_ray_sync.errors import (
 from fd_ray_sync.feed import BucketFeed, relay_plan
 from fd_ray_sync.messages import LoadReport, PrepareReport, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, is_alive
-from fd_ray_sync.sources import TransportSpec
+from fd_ray_sync.sources import TransportSpec, VersionOnly
 from fd_ray_sync.sources.object_store import ObjectStoreSpec
 from fd_ray_sync.version import is_newer, validate_version
 
@@ -168,8 +169,10 @@ class TransactionMixin:
         force: bool = False,
         trainer_node: str | None = None,
         trainer: ProcessRef | None = None,
+        partial: bool = False,
     ) -> UpdateReport:
-        """Load the update the trainer feeds under `uid`.
+        """Load the update the trainer feeds under `uid` (`partial`: a subset of the
+        parameters, see `_transaction`).
 
         `spec` is the streaming transport's description of the update (its announced
         tensors: ranks check them before the first write and write buckets as they arrive).
@@ -189,7 +192,8 @@ class TransactionMixin:
                     ranks = len(self._first_replicas()) * self.config.tp
                     feed.node_of = {r: n for r, n in self._nodes.items() if r < ranks}
                     feed.source, feed.relayers = relay_plan(feed.node_of, trainer_node)
-            return self._transaction(spec.with_version(version), feed, force)
+            spec = dataclasses.replace(spec, version=version, partial=partial)
+            return self._transaction(spec, feed, force)
         except Exception as e:
             feed.close(f"the update failed: {type(e).__name__}: {e}")
             raise
@@ -227,9 +231,19 @@ class TransactionMixin:
         force: bool = False,
         expected: dict[int, str] | None = None,
     ) -> UpdateReport:
-        """One update, all-or-nothing, as numbered phases (see DESIGN.md)."""
+        """One update, all-or-nothing, as numbered phases (see DESIGN.md).
+
+        A `spec.partial` update carries some of the parameters; the others keep their
+        committed values. The trainer's fingerprints cover what it sent, so each rank's
+        fingerprint of what it wrote is checked against them, and the whole model's
+        fingerprints must agree among replicas (those are committed). A failure rolls the
+        written ranks back tensor by tensor (each kept the old values of what it
+        overwrote). Its committed source is no whole model: restores come from a peer
+        replica, or from replica 0's copy exported after the commit.
+        """
         if not self.ranks:
             raise StateError("the fleet has no ranks: call start() first")
+        partial = spec.partial
         phase_s: dict[str, float] = {}
         start = time.perf_counter()
         # Rolling mode: the transaction loads the first replicas only; `_roll` brings the
@@ -253,18 +267,31 @@ class TransactionMixin:
         if spec.version is not None:
             validate_version(spec.version)
             self._check_newer(spec.version, force)
+        if partial and (self.version is None or self._cleared or self.config.clear_before_load):
+            raise StateError(
+                "a partial update keeps the committed values of the parameters it does not "
+                "carry, but "
+                + (
+                    "this fleet clears its weights before each load (clear_before_load)"
+                    if self.config.clear_before_load
+                    else "the fleet holds none (never updated, or cleared)"
+                )
+                + "; send every parameter (partial=False)"
+            )
         self._rebuild_lost()
         # 2. prepare: every rank checks everything it can know before writing; nothing
         # pauses, enters a collective or writes until every rank said yes. A refusal costs
         # the checks and changes nothing.
-        after = spec.check_while_copying or (
-            self._committed is not None and self._committed.restorable and not self._cleared
+        after = (
+            spec.check_while_copying
+            or partial  # every rank keeps the old values of what it overwrites
+            or (self._committed is not None and self._committed.restorable and not self._cleared)
         )
         try:
             prepared = timed("prepare", lambda a: a.prepare.remote(spec, after), close_feed)
             loaded = self._agreed_version(spec, prepared, force)
         except Exception as e:
-            self._abort(e, touched=set())
+            self._abort(e, touched=set(), partial=partial)
             raise
         spec = spec.with_version(loaded)
         touched: set[int] = set()  # ranks whose weights may no longer be the committed ones
@@ -307,14 +334,19 @@ class TransactionMixin:
             fp = self.config.fingerprint or bool(expected)
             checks = timed("verify", lambda a: a.verify.remote(fp))
             fingerprints = {rank: c["fingerprint"] for rank, c in checks.items()}
+            # A partial update's trainer saw only what it sent: what each rank wrote.
+            checked = (
+                {rank: c["written"] for rank, c in checks.items()} if partial else fingerprints
+            )
+            what = "written tensors' fingerprint" if partial else "fingerprint"
             wrong = {
-                r: f"fingerprint {fingerprints[r]}, trainer expected {want}"
+                r: f"{what} {checked.get(r)}, trainer expected {want}"
                 for r, want in (expected or {}).items()
-                if r in everyone and fingerprints.get(r) != want
+                if r in everyone and checked.get(r) != want
             }
-            if fp and not expected:  # no trainer figure: replicas must at least agree
+            if fp and (partial or not expected):  # replicas must at least agree
                 tp = self.config.tp
-                wrong = {
+                wrong |= {
                     r: f"fingerprint {f}, rank {r % tp} of replica 0 has {fingerprints[r % tp]}"
                     for r, f in fingerprints.items()
                     if f != fingerprints.get(r % tp)
@@ -325,10 +357,13 @@ class TransactionMixin:
             keep = self.config.keep_committed
             timed("commit", lambda a: a.commit.remote(keep, fingerprints))
         except Exception as e:
-            self._abort(e, touched)
+            self._abort(e, touched, partial)
             raise
         self.version = loaded
-        self._committed = spec if self.config.keep_committed else spec.without_data()
+        if partial:  # not the whole model: restores take a peer's, or replica 0's copy
+            self._committed = VersionOnly(loaded)
+        else:
+            self._committed = spec if self.config.keep_committed else spec.without_data()
         # Every rank's committed fingerprint, as its TP rank's (replicas not loaded yet).
         tp = self.config.tp
         self._fingerprints = {r: fingerprints[r % tp] for r in range(self.world)}
@@ -441,11 +476,13 @@ class TransactionMixin:
                 "(pass force=True to load it anyway)"
             )
 
-    def _abort(self, error: Exception, touched: set[int]) -> None:
+    def _abort(self, error: Exception, touched: set[int], partial: bool = False) -> None:
         """Put every replica back on the committed version: a replica that lost a rank is
         rebuilt, one whose ranks wrote nothing just resumes, the others are restored (and
         checked against the committed fingerprints); a replica that cannot be stays down,
-        its reason in `status`."""
+        its reason in `status`. After a `partial` update the written replicas first put
+        back the old values of the tensors they overwrote (`_roll_back`), and are restored
+        whole only if that fails."""
         self.log.warning("update aborted: %s", error)
         metrics.abort(self.config.name, metrics.abort_cause(error))
         lost = error.lost if isinstance(error, RankFailed) else frozenset()
@@ -466,7 +503,7 @@ class TransactionMixin:
                     self._rebuild_replica(replica)
                 elif replica in untouched:
                     self._phase("resume", lambda a: a.resume.remote(), ranks)
-                else:
+                elif not (partial and self._roll_back(replica)):
                     self._load_committed(replica)
             except Exception as e:  # noqa: BLE001 - the caller gets the original error
                 self._replica_down(replica, e)

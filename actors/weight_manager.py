@@ -30,7 +30,13 @@ from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
 from fd_ray_sync.params import device_memory, param_dtype, param_shape, read_param
 from fd_ray_sync.sleep import Tags, describe
-from fd_ray_sync.sources import RankContext, TransportSpec, WeightSource, open_source
+from fd_ray_sync.sources import (
+    RankContext,
+    TransportSpec,
+    VersionOnly,
+    WeightSource,
+    open_source,
+)
 from fd_ray_sync.status import KVCacheStatus, ModelWeightsStatus
 from fd_ray_sync.tensors import contiguous, storage_dtype
 
@@ -139,7 +145,7 @@ class WeightManagerActor:
                     raise  # no version given, and the source names none
                 recorded = None
             prepared = self._manager().prepare_load(
-                source, spec.version or recorded, check_after_write
+                source, spec.version or recorded, check_after_write, spec.partial
             )
         except BaseException:
             source.close()
@@ -161,6 +167,8 @@ class WeightManagerActor:
         self._manager().alloc_kv_cache()  # unless it sleeps
         self._fingerprint = None
         self._pending = prepared.source.received(spec).with_version(report.version)
+        if prepared.partial:  # not the whole model: a restore needs a peer's copy of it
+            self._pending = VersionOnly(report.version)
         return report
 
     def _discard(self) -> None:
@@ -175,11 +183,20 @@ class WeightManagerActor:
         return open_source(spec, ctx)
 
     def verify(self, fingerprint: bool = True) -> dict:
+        """Every parameter loaded; this rank's fingerprint (the whole model's slice) and,
+        after a partial load, `written`: the fingerprint of only what it wrote (what the
+        trainer computed)."""
         m = self._manager()
         m.verify_parameters("update")
         self._fingerprint = m.fingerprint() if fingerprint else None
         version = self._pending.version if self._pending else None
-        return {"rank": self.rank, "version": version, "fingerprint": self._fingerprint}
+        written = m.written_fingerprint() if fingerprint else None
+        return {
+            "rank": self.rank,
+            "version": version,
+            "fingerprint": self._fingerprint,
+            "written": written,
+        }
 
     def commit(self, keep: bool = True, fingerprints: dict[int, str | None] | None = None) -> None:
         """Serve the loaded version. `fingerprints` (every rank's, as verified) are kept with
@@ -191,6 +208,23 @@ class WeightManagerActor:
         if pending is not None:
             self.committed, self.committed_fingerprints = pending, dict(fingerprints or {})
         self._pending = None
+
+    def rollback(self) -> dict:
+        """Undo a partial update on this rank: the tensors it overwrote get their committed
+        values back (DynamicWeightManager.rollback), then serve as before. Returns this
+        rank's fingerprint, for the coordinator to check against the committed one."""
+        m = self._manager()
+        self._discard()
+        self._pending = None
+        restored = m.rollback()
+        m.alloc_kv_cache()  # unless it sleeps
+        self._fingerprint = m.fingerprint()
+        return {
+            "rank": self.rank,
+            "version": m.version,
+            "fingerprint": self._fingerprint,
+            "restored": restored,
+        }
 
     def resume(self) -> None:
         """Serve again after an update that changed nothing on this rank."""
@@ -315,6 +349,21 @@ class WeightManagerActor:
                 threading.Event().wait()
 
         self._manager().on_write = hold
+
+    @ray.method(concurrency_group="status")
+    def fail_after_writes(self, count: int) -> None:
+        """Fault-test hook: the next load fails (OSError) right after its `count`-th parameter
+        write, this process alive (a rollback test)."""
+        written = 0
+
+        def fail(name: str) -> None:
+            nonlocal written
+            written += 1
+            if written == count:
+                self._manager().on_write = None
+                raise OSError(f"fault injected after writing {name}")
+
+        self._manager().on_write = fail
 
     @ray.method(concurrency_group="status")
     def memory(self) -> dict:

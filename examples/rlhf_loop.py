@@ -8,7 +8,13 @@ object store once (or, with `--transport ipc`, into a ring of shared-memory buck
 copy from), never through the driver. Every rollout must come from the version pushed just
 before it.
 
+With `--lora`, the fleet serves the `tiny_lora` preset: the trainer freezes the base, trains
+only the LoRA adapters, and after the first (full) push sends only them each step
+(`fleet.update(adapters, version, partial=True)`); each step prints the bytes it sent against
+the full model's.
+
     python examples/rlhf_loop.py --steps 3                  # starts (or joins) a local Ray
+    python examples/rlhf_loop.py --steps 3 --lora           # adapters only after step 0
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \\
         -- python examples/rlhf_loop.py                     # inside an existing cluster
 
@@ -29,7 +35,13 @@ import ray
 
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import DecoderLM, assign_parameters, preset
+from fd_ray_sync.engine.model import (
+    DecoderLM,
+    assign_parameters,
+    lora_names,
+    param_bytes,
+    preset,
+)
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.messages import UpdateReport
@@ -52,24 +64,35 @@ def reward(completion: str, target: str = TARGET) -> float:
 class Trainer:
     """The full (TP=1) reference model with an Adam optimizer, in one process."""
 
-    def __init__(self, model: str, seed: int, lr: float, new_tokens: int):
+    def __init__(self, model: str, seed: int, lr: float, new_tokens: int, lora: bool = False):
         paddle.seed(seed)
         config = preset(model)
         self.max_len = config.max_seq_len
         self.model = DecoderLM(config)
         assign_parameters(self.model, init_full_state_dict(config, seed))
         self.model.train()
-        self.opt = paddle.optimizer.Adam(learning_rate=lr, parameters=self.model.parameters())
+        # LoRA: the base is frozen; only the adapters train (and are pushed after step 0).
+        self.adapters = set(lora_names(config)) if lora else set()
+        params = dict(self.model.named_parameters())
+        for name, param in params.items():
+            param.stop_gradient = bool(self.adapters) and name not in self.adapters
+        trained = [params[n] for n in sorted(self.adapters)] or self.model.parameters()
+        self.opt = paddle.optimizer.Adam(learning_rate=lr, parameters=trained)
         self.demo_len = new_tokens
 
     def connect(self, fleet: str, namespace: str) -> None:
         """Attach to the fleet by name: this actor is the process that pushes its weights."""
         self.fleet = Fleet.connect(fleet, namespace)
 
-    def push(self, version: int) -> UpdateReport:
+    def push(self, version: int, adapters_only: bool = False) -> UpdateReport:
         """The full weights, by the parameter names the fleet's ranks use, straight from
-        the parameters (read in place, put once); returns when every rank committed."""
-        return self.fleet.update(dict(self.model.named_parameters()), version=version)
+        the parameters (read in place, put once); returns when every rank committed. With
+        `adapters_only`, only the LoRA adapters, as a partial update (the fleet keeps the
+        base it holds)."""
+        weights = dict(self.model.named_parameters())
+        if adapters_only:
+            weights = {n: p for n, p in weights.items() if n in self.adapters}
+        return self.fleet.update(weights, version=version, partial=adapters_only)
 
     def _completion_logprob(self, prompt: str, completion: str) -> paddle.Tensor:
         """Mean over the completion's tokens of log p(token | everything before it)."""
@@ -122,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "(ipc: the trainer actor must run on the ranks' node, as on one machine).",
     )
     parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="Serve tiny_lora, train only its LoRA adapters and push only them each step.",
+    )
+    parser.add_argument(
         "--address",
         default=None,
         help="Ray address; default: RAY_ADDRESS (set by `ray job submit`), a running local "
@@ -133,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, namespace=NAMESPACE)
     name = f"rlhf-{uuid.uuid4().hex[:8]}"
-    trainer = Trainer.remote("tiny", args.seed, args.lr, args.new_tokens)
+    model = "tiny_lora" if args.lora else "tiny"
+    full_bytes = param_bytes(preset(model))
+    trainer = Trainer.remote(model, args.seed, args.lr, args.new_tokens, args.lora)
     load = LoadConfig(load_strategy=args.transport)
-    config = FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model="tiny", load=load)
+    config = FleetConfig(name=name, namespace=NAMESPACE, tp=2, dp=1, model=model, load=load)
     fleet = Fleet.launch(config)
     try:
         ray.get(trainer.connect.remote(name, NAMESPACE))
@@ -148,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             mean_reward = float(np.mean([r for _, _, r in rollouts]))
             loss = ray.get(trainer.train_step.remote(rollouts, args.iters))
             t = time.perf_counter()
-            report = ray.get(trainer.push.remote(step))
+            report = ray.get(trainer.push.remote(step, args.lora))
             update_s = time.perf_counter() - t
             version = step
             print(
                 f"step {step}: reward {mean_reward:.3f} loss {loss:.3f} "
                 f"version {report.version} update {update_s:.3f}s "
-                f"({report.nbytes / 1e6:.2f} MB) sample {rollouts[0][1]!r}",
+                f"({report.nbytes / 1e6:.3f} MB sent of the model's {full_bytes / 1e6:.3f} MB) "
+                f"sample {rollouts[0][1]!r}",
                 flush=True,
             )
         final = rollout(fleet, version, args.new_tokens)

@@ -124,6 +124,7 @@ class Fleet:
         force: bool = False,
         verify_fingerprints: bool = True,
         mapping: WeightMapping | None = None,
+        partial: bool = False,
     ) -> UpdateReport:
         """Push full (unsharded) weights to every rank; returns when committed or raises.
 
@@ -147,18 +148,25 @@ class Fleet:
         With `mapping` (`fd_ray_sync.mapping`), `weights` have the trainer's names and
         layouts: they are checked against the engine's (once per fleet handle and source
         manifest) before anything moves, then mapped one tensor at a time as they are packed.
+        Every parameter must be there (the update is refused, naming the missing ones),
+        unless `partial`: then `weights` may be a subset (the layers that changed, LoRA
+        adapters) and the others keep their committed values; the fleet's fingerprints and
+        version cover the whole model afterwards, and a failure puts back exactly the
+        tensors it overwrote (see docs/design-notes.md, "Partial updates and LoRA").
         """
         if mapping is not None:
             weights = self._mappings.mapped(weights, mapping)
         if isinstance(weights, Registration):
-            return self._update_registered(weights, version, force, verify_fingerprints)
+            return self._update_registered(weights, version, force, verify_fingerprints, partial)
         load = self.config.load
         tp_plans = self._tp_plans(load.verify_checksum or verify_fingerprints)
         if load.load_strategy == "ipc":
-            return self._update_ring(dict(weights), version, force, tp_plans, verify_fingerprints)
+            return self._update_ring(
+                dict(weights), version, force, tp_plans, verify_fingerprints, partial
+            )
         if load.load_strategy == "collective":
             return self._update_collective(
-                dict(weights), version, force, tp_plans, verify_fingerprints
+                dict(weights), version, force, tp_plans, verify_fingerprints, partial
             )
         if load.load_strategy != "object_store":
             raise ConfigError(
@@ -171,7 +179,7 @@ class Fleet:
         if isinstance(weights, Mapping) and self.config.pipelined and world <= FEED_THREADS - 4:
             announced = _announce(weights)
         buckets = iter_buckets(weights, load.bucket_bytes, tp_plans is not None, tp_plans)
-        return self.push_buckets(buckets, version, announced, force, verify_fingerprints)
+        return self.push_buckets(buckets, version, announced, force, verify_fingerprints, partial)
 
     def _tp_plans(self, checked: bool) -> list[ShardPlan] | None:
         """One shard plan per TP rank: checksums are of each rank's slice, so a rank checks
@@ -189,6 +197,7 @@ class Fleet:
         announced: Sequence[TensorMeta] | None = None,
         force: bool = False,
         verify_fingerprints: bool = True,
+        partial: bool = False,
     ) -> UpdateReport:
         """`update` from ready-made buckets (`fd_ray_sync.buckets.iter_buckets` output):
         each is `ray.put` and fed to the fleet in order; `announced` pipelines them."""
@@ -231,7 +240,9 @@ class Fleet:
             return count
 
         try:
-            report = self._feed_update(uid, spec, version, force, verify_fingerprints, feed)
+            report = self._feed_update(
+                uid, spec, version, force, verify_fingerprints, feed, partial
+            )
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             # The coordinator died mid-update: this version may have been committed. Keep
             # its buckets alive with the last committed ones until an update is confirmed.
@@ -250,6 +261,7 @@ class Fleet:
         force: bool,
         verify_fingerprints: bool,
         feed: Callable[[_Expected], int],
+        partial: bool = False,
     ) -> UpdateReport:
         """Run one fed update: the coordinator's transaction starts, `feed(expect)` hands it
         every bucket (returning how many), then the end and each rank's fingerprint."""
@@ -261,6 +273,7 @@ class Fleet:
             force,
             ray.get_runtime_context().get_node_id(),  # ranks elsewhere relay (FleetConfig.relay)
             ProcessRef.here(),  # watched while the update runs: its death aborts it at once
+            partial,
         )
         try:
             count = feed(expect)
@@ -287,7 +300,12 @@ class Fleet:
         return Registration(weights)
 
     def _update_registered(
-        self, registration: Registration, version: str | int, force: bool, verify: bool
+        self,
+        registration: Registration,
+        version: str | int,
+        force: bool,
+        verify: bool,
+        partial: bool = False,
     ) -> UpdateReport:
         """Ranks copy straight from the registered tensors. Checks: the trainer hashes each
         rank's slices while the ranks copy (and hash what they wrote); the verify phase
@@ -309,7 +327,7 @@ class Fleet:
             return 0
 
         self._held = []
-        return self._feed_update(uuid.uuid4().hex, spec, version, force, checked, feed)
+        return self._feed_update(uuid.uuid4().hex, spec, version, force, checked, feed, partial)
 
     def _update_ring(
         self,
@@ -318,6 +336,7 @@ class Fleet:
         force: bool,
         tp_plans: list[ShardPlan] | None,
         verify: bool,
+        partial: bool = False,
     ) -> UpdateReport:
         version = validate_version(version)
         ring = self._ring_for(weights)
@@ -345,7 +364,7 @@ class Fleet:
             return len(parts)
 
         self._held = []
-        return self._feed_update(uid, spec, version, force, verify, feed)
+        return self._feed_update(uid, spec, version, force, verify, feed, partial)
 
     def _ring_for(self, weights: Mapping[str, Any], shared: bool = True) -> BucketRing:
         """This trainer's ring, allocated on first use and kept; grown (new segments, which
@@ -378,6 +397,7 @@ class Fleet:
         force: bool,
         tp_plans: list[ShardPlan] | None,
         verify: bool,
+        partial: bool = False,
     ) -> UpdateReport:
         """Broadcast buckets along the weight-sync group's chain (`fd_ray_sync.collective`):
         two private slots, bucket i+1 packed (and hashed) while bucket i is sent."""
@@ -435,7 +455,7 @@ class Fleet:
 
         self._held = []
         try:
-            return self._feed_update(uid, spec, version, force, verify, feed)
+            return self._feed_update(uid, spec, version, force, verify, feed, partial)
         except BaseException:
             end.failed()
             raise
@@ -468,12 +488,18 @@ class Fleet:
         return _get(self.coordinator.update.remote(spec, force))
 
     def update_from_snapshot(
-        self, path: str | os.PathLike, version: str | int | None = None, force: bool = False
+        self,
+        path: str | os.PathLike,
+        version: str | int | None = None,
+        force: bool = False,
+        partial: bool = False,
     ) -> UpdateReport:
-        """Every rank loads its own files from `path` (a folder all nodes can read)."""
+        """Every rank loads its own files from `path` (a folder all nodes can read);
+        `partial`: the files may hold a subset of the parameters (see `update`)."""
         version = validate_version(version) if version is not None else None
         folder = os.fspath(os.path.abspath(path))
-        return _get(self.coordinator.update.remote(SnapshotSpec(version, folder=folder), force))
+        spec = SnapshotSpec(version, folder=folder, partial=partial)
+        return _get(self.coordinator.update.remote(spec, force))
 
     def scale(self, dp: int) -> dict:
         """Grow or shrink the fleet to `dp` replicas while the others keep serving; a new

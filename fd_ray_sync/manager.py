@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fd_ray_sync.checksum import (
     combine_digests,
     copy_and_digest,
@@ -80,6 +82,9 @@ class DynamicWeightManager:
         self._asleep: dict[str, int] = {}
         self._host: dict[str, Any] = {}
         self._slept: tuple[str, dict[str, int]] | None = None
+        # A partial load's undo: the committed values of the parameters it overwrote (only
+        # those), kept until the update commits or `rollback` puts them back.
+        self._undo: _Undo | None = None
 
     # --- state ---------------------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class DynamicWeightManager:
         return seconds
 
     def _clear_storage(self) -> None:
-        self._checksums = {}
+        self._checksums, self._undo = {}, None
         for param in self.params.values():
             clear_param(param)
 
@@ -239,7 +244,11 @@ class DynamicWeightManager:
         return self.write_prepared(self.prepare_load(source, version, check_after_write))
 
     def prepare_load(
-        self, source: WeightSource, version: str | None = None, check_after_write: bool = False
+        self,
+        source: WeightSource,
+        version: str | None = None,
+        check_after_write: bool = False,
+        partial: bool = False,
     ) -> PreparedLoad:
         """Check everything `source` will deliver, changing nothing (the rank keeps serving).
 
@@ -247,6 +256,11 @@ class DynamicWeightManager:
         other name; every checksum must match and (when on) every value be finite. Without
         `version`, the source's own (version.yaml) is used. The fleet runs this on every
         rank first and writes only once every rank said yes.
+
+        `partial`: the source may carry a subset of the parameters (the layers that changed,
+        an adapter); the others keep the values they hold, which must be loaded ones. Unknown
+        names are refused all the same. The write keeps the old values of what it overwrites
+        (`rollback`).
 
         `check_after_write` moves the checksum check into the write: each parameter's bytes
         are hashed once, block by block as they land (CPU parameters; device parameters right
@@ -263,7 +277,7 @@ class DynamicWeightManager:
         version = validate_version(version) if version is not None else source.version()
         streaming = source.streaming
         manifest = source.manifest()
-        wanted = self._check_manifest(manifest, source.name)
+        wanted = self._check_manifest(manifest, source.name, partial)
         expected = {n: manifest[n].checksum for n in wanted}
         # Checksums that only fit the whole tensor (a rank holding a slice) are checked
         # before writing; a source whose checksums come after the load (the trainer's
@@ -277,7 +291,13 @@ class DynamicWeightManager:
         if self.load.check_finite and not streaming:
             self._check_finite(source.chunks(), wanted)
         return PreparedLoad(
-            source, version, wanted, expected, check_after_write, time.perf_counter() - start
+            source,
+            version,
+            wanted,
+            expected,
+            check_after_write,
+            time.perf_counter() - start,
+            partial,
         )
 
     def write_prepared(self, prepared: PreparedLoad) -> LoadReport:
@@ -285,12 +305,20 @@ class DynamicWeightManager:
 
         A failure before the first parameter was touched re-raises as it is, the old weights
         (and status) standing; after it, PartialUpdateError: this rank holds mixed weights.
+        A partial load first copies each parameter it overwrites (`rollback` puts them back).
         """
         source, wanted, expected = prepared.source, prepared.wanted, prepared.expected
         check_after_write, streaming = prepared.check_after_write, source.streaming
         start = time.perf_counter()
         previous = self._status
         self._set_status(ModelWeightsStatus.UPDATING)
+        # The checksums of what a partial load leaves alone still hold (a later fingerprint
+        # reuses them); a full load replaces every one.
+        kept = {n: c for n, c in self._checksums.items() if n not in wanted}
+        self._undo = None
+        if prepared.partial:
+            self._undo = _Undo(self.version, dict(self._checksums), {})
+        undo = self._undo.tensors if self._undo is not None else None
         self._checksums = {}
         sums: dict[str, int] = {}
         touched = written = nbytes = 0
@@ -316,6 +344,8 @@ class DynamicWeightManager:
                             list(param_strides(param)),
                         )
                     touched += 1
+                    if undo is not None and name not in undo:
+                        undo[name] = np.array(read_param(param), copy=True)
                     view = host_view(param) if check_after_write else None
                     if view is not None and view.flags.c_contiguous:  # hashed while copied
                         got = copy_and_digest(view, as_storage(array, dtype))
@@ -345,7 +375,7 @@ class DynamicWeightManager:
             ) from e
         finally:
             source.close()  # files and mappings go, whatever happened
-        self._checksums = sums
+        self._checksums = {**kept, **sums} if prepared.partial else sums
         self._asleep.pop("weights", None)  # discarded at level 2: the update brought them back
         empty_device_cache(self.params.values())  # blocks freed where a load reallocated
         update_s = time.perf_counter() - start
@@ -371,11 +401,15 @@ class DynamicWeightManager:
         )
         return report
 
-    def _check_manifest(self, manifest: Mapping[str, TensorMeta], src: str) -> set[str]:
+    def _check_manifest(
+        self, manifest: Mapping[str, TensorMeta], src: str, partial: bool = False
+    ) -> set[str]:
         """The names to write; raises WeightMismatchError naming every bad parameter.
 
         A name the model lacks is refused too: writing the rest would commit weights that
-        are not what the trainer meant to send (a renamed or misspelled parameter).
+        are not what the trainer meant to send (a renamed or misspelled parameter). A name
+        the source lacks is refused unless the update is `partial`, and then only when the
+        parameter holds nothing to keep (cleared, or discarded by a level-2 sleep).
         """
         if not manifest:
             raise WeightMismatchError(f"no parameter found in the {src} source")
@@ -396,7 +430,14 @@ class DynamicWeightManager:
                 )
             wanted.add(name)
         missing = sorted(set(self.params) - set(manifest))
-        if missing:
+        if partial:
+            empty = [n for n in missing if not is_initialized(self.params[n])]
+            if empty:
+                problems.append(
+                    f"a partial update keeps the other parameters, but these hold nothing "
+                    f"(cleared): {_some(empty)}"
+                )
+        elif missing:
             problems.append(f"missing from the update: {_some(missing)}")
         if problems:
             more = f"; and {len(problems) - 8} more" if problems[8:] else ""
@@ -548,12 +589,51 @@ class DynamicWeightManager:
         self.log.debug("parameter %s verified", operation)
 
     def finalize_update(self) -> None:
-        """Verify every parameter is loaded, barrier over TP and EP, and go NORMAL."""
+        """Verify every parameter is loaded, barrier over TP and EP, and go NORMAL (a
+        partial load's undo copies go: the new values are the committed ones now)."""
         self.verify_parameters("update")
         self.groups.barrier("tp")
         self.groups.barrier("ep")
         self._set_status(ModelWeightsStatus.NORMAL)
         self.first_load = False
+        self._undo = None
+
+    def rollback(self) -> list[str]:
+        """Undo the last partial load: the parameters it overwrote get their old values
+        back, in place, and the version and checksums are those from before it. Only the
+        touched tensors are written; no barrier (the groups stay as they are), so each rank
+        rolls back on its own, then its weights are NORMAL again. Returns the names
+        restored; StateError when no partial load is there to undo."""
+        undo = self._undo
+        if undo is None:
+            raise StateError(f"rank {self.rank}: no partial load to roll back")
+        for name, old in undo.tensors.items():
+            param = self.params[name]
+            write_param(param, old, param_dtype(param))
+        self.version, self._checksums, self._undo = undo.version, undo.checksums, None
+        self.verify_parameters("update")
+        self._set_status(ModelWeightsStatus.NORMAL)
+        self.log.info("rolled back %d parameter(s) to version %s", len(undo.tensors), self.version)
+        return sorted(undo.tensors)
+
+    def written_fingerprint(self) -> str | None:
+        """The fingerprint of only the parameters the last partial load wrote (what its
+        trainer computed: it saw nothing else), or None after any other load."""
+        if self._undo is None:
+            return None
+        named = {n: self.params[n] for n in self._undo.tensors}
+        return combine_digests(
+            (
+                n,
+                tensor_digest(
+                    n,
+                    param_dtype(p),
+                    param_shape(p),
+                    self._checksums[n] if n in self._checksums else digest(read_param(p)),
+                ),
+            )
+            for n, p in named.items()
+        )
 
     def fingerprint(self) -> str:
         """A digest of this rank's parameters (names, dtypes, shapes and bytes).
@@ -592,6 +672,16 @@ class PreparedLoad:
     expected: dict[str, int | None]  # name -> checksum of this rank's bytes, where known
     check_after_write: bool
     sync_s: float  # seconds the checks took
+    partial: bool = False  # a subset of the parameters; the rest keep their values
+
+
+@dataclass
+class _Undo:
+    """What a partial load overwrote: the version, checksums and values from before it."""
+
+    version: str | None
+    checksums: dict[str, int]
+    tensors: dict[str, np.ndarray]  # name -> host copy of its old values (touched ones only)
 
 
 def _some(names: list[str]) -> str:

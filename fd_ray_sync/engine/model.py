@@ -23,6 +23,15 @@ replicated; [E, ff] for w1, split over EP). `dense_weight` dequantizes on use,
 `decode(bits) * scale` (the convention of `fd_ray_sync.fp8`); embeddings, norms, biases, the
 gate and lm_head stay float32.
 
+With `lora_rank = r > 0`, each projection named in `lora_targets` (qkv, out, up, down; the
+MoE layers have no up/down) also holds a LoRA pair, y = base(x) + (x @ A) @ B * alpha / r:
+
+    <proj>.lora_A [in, r]    column-parallel base: replicated;  row-parallel base: split on in
+    <proj>.lora_B [r, out]   column-parallel base: split on out; row-parallel base: replicated
+
+B starts at zero, so a model with fresh adapters serves what its base serves. A row-parallel
+projection all-reduces x @ A (batch x r) over TP before B, beside the base's own all-reduce.
+
 Parameters may be cleared (`_clear_data()`) and refilled by the weight manager between calls,
 so nothing derived from a parameter is ever kept across calls.
 """
@@ -53,6 +62,14 @@ _ITEMSIZE = {"float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _QUANTIZED = ("attn.qkv.weight", "attn.out.weight", "mlp.up.weight", "mlp.down.weight")
 _QUANTIZED_MOE = ("mlp.w1", "mlp.w2")
 
+# The projections a LoRA adapter can target, and how each base splits over TP.
+LORA_PROJECTIONS: Mapping[str, Literal["column", "row"]] = {
+    "attn.qkv": "column",
+    "attn.out": "row",
+    "mlp.up": "column",
+    "mlp.down": "row",
+}
+
 # --- configuration and pure planning functions --------------------------------------------
 
 
@@ -78,11 +95,22 @@ class ModelConfig(BaseModel):
         description="dtype of the attention, MLP and expert weights; an FP8 dtype adds a "
         "float32 `<weight>_scale` per output channel, dequantized on use.",
     )
+    lora_rank: int = Field(0, ge=0, description="Rank r of the LoRA adapters; 0: none.")
+    lora_targets: tuple[str, ...] = Field(
+        ("attn.qkv", "attn.out"),
+        description=f"Projections that get an adapter, among {', '.join(LORA_PROJECTIONS)}.",
+    )
+    lora_alpha: float = Field(8.0, gt=0, description="LoRA scale numerator: delta * alpha / r.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_PROJECTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown lora_targets {unknown}; known: {', '.join(LORA_PROJECTIONS)}"
+            )
         if self.n_experts and self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
         return self
@@ -129,6 +157,18 @@ PRESETS: Mapping[str, ModelConfig] = {
     "large_1g": ModelConfig(
         d_model=2048, n_layers=7, n_heads=16, d_ff=5632, max_seq_len=512, n_experts=0
     ),
+    # `tiny` with rank-4 LoRA adapters on every projection that has one (partial updates).
+    "tiny_lora": ModelConfig(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_ff=128,
+        max_seq_len=128,
+        n_experts=4,
+        moe_every=2,
+        lora_rank=4,
+        lora_targets=tuple(LORA_PROJECTIONS),
+    ),
 }
 
 
@@ -173,9 +213,13 @@ def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down.bias": (d,),
             }
     shapes |= {"ln_f.weight": (d,), "ln_f.bias": (d,), "lm_head.weight": (d, config.vocab_size)}
-    if not config.is_fp8:
-        return shapes
-    # Each FP8 weight is followed by its scale, as the layers create them.
+    if config.is_fp8:
+        shapes = _with_scales(config, shapes)
+    return _with_lora(config, shapes) if config.lora_rank else shapes
+
+
+def _with_scales(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Each FP8 weight followed by its scale, as the layers create them."""
     with_scales: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         with_scales[name] = shape
@@ -200,6 +244,25 @@ def full_dtypes(config: ModelConfig) -> dict[str, str]:
     """Every parameter's dtype string, in `full_shapes` order."""
     fp8 = quantized_names(config)
     return {n: config.weight_dtype if n in fp8 else config.dtype for n in full_shapes(config)}
+
+
+def _with_lora(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """`shapes` with each targeted projection's LoRA pair after its bias (state_dict order:
+    the adapter is added to the projection after its weight and bias)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        out[name] = shape
+        proj = name.removesuffix(".bias")
+        if name.startswith("layers.") and proj.split(".", 2)[2] in config.lora_targets:
+            d_in, d_out = shapes[proj + ".weight"]
+            out[proj + ".lora_A"] = (d_in, config.lora_rank)
+            out[proj + ".lora_B"] = (config.lora_rank, d_out)
+    return out
+
+
+def lora_names(config: ModelConfig) -> list[str]:
+    """The adapters' parameter names (what an adapter-only update carries)."""
+    return [n for n in full_shapes(config) if n.endswith((".lora_A", ".lora_B"))]
 
 
 def param_bytes(config: ModelConfig) -> int:
@@ -234,6 +297,9 @@ def shard_plan(config: ModelConfig, parallel: ParallelConfig) -> dict[str, Shard
         "mlp.w1_scale": experts,
         "mlp.w2_scale": experts,
     }
+    for proj, kind in LORA_PROJECTIONS.items():  # A splits like the base's input, B its output
+        by_suffix[proj + ".lora_A"] = row if kind == "row" else REPLICATED
+        by_suffix[proj + ".lora_B"] = column if kind == "column" else REPLICATED
     return {
         name: by_suffix.get(name.split(".", 2)[2], REPLICATED)
         if name.startswith("layers.")
@@ -405,6 +471,37 @@ class MoE(nn.Layer):
         return self._reduce(out).reshape(shape)
 
 
+def attach_lora(
+    layer: nn.Layer,
+    kind: Literal["column", "row"],
+    rank: int,
+    scale: float,
+    reduce_tp: GroupAllReduce,
+) -> None:
+    """Give a parallel linear `layer` a LoRA pair, `lora_A` [in, r] and `lora_B` [r, out]
+    (this rank's slices: see the module docstring), added to its output by a forward hook:
+    y += (x @ A) @ B * scale, with x @ A summed over TP first when the base is row-parallel.
+    The layer's own code is untouched."""
+    d_in, d_out = layer.weight.shape
+    dtype = layer.weight.dtype
+    layer.lora_A = layer.create_parameter(
+        [d_in, rank],
+        dtype=dtype,
+        default_initializer=nn.initializer.Normal(std=1.0 / math.sqrt(d_in)),
+    )
+    layer.lora_B = layer.create_parameter(
+        [rank, d_out], dtype=dtype, default_initializer=nn.initializer.Constant(0.0)
+    )
+
+    def add_delta(layer: nn.Layer, inputs: tuple, out: paddle.Tensor) -> paddle.Tensor:
+        low = paddle.matmul(inputs[0], layer.lora_A)
+        if kind == "row":
+            low = reduce_tp(low)
+        return out + paddle.matmul(low, layer.lora_B) * scale
+
+    layer.register_forward_post_hook(add_delta)
+
+
 class Block(nn.Layer):
     def __init__(
         self, config: ModelConfig, layer: int, parallel: ParallelConfig, groups: CommGroups | None
@@ -419,6 +516,12 @@ class Block(nn.Layer):
             self.mlp = MoE(config, parallel.ep_size, parallel.ep_rank, reduce_ep)
         else:
             self.mlp = DenseMLP(config, parallel.tp, reduce_tp)
+        for proj in config.lora_targets if config.lora_rank else ():
+            owner, linear = proj.split(".")
+            layer = getattr(getattr(self, owner), linear, None)  # MoE layers have no up/down
+            if layer is not None:
+                scale = config.lora_alpha / config.lora_rank
+                attach_lora(layer, LORA_PROJECTIONS[proj], config.lora_rank, scale, reduce_tp)
 
     def forward(self, x: paddle.Tensor, start: int, kv: tuple | None) -> paddle.Tensor:
         x = x + self.attn(self.ln1(x), start, kv)

@@ -59,6 +59,8 @@ def _iter_float_state_dict(config: ModelConfig, seed: int) -> Iterator[tuple[str
         noise = rng.standard_normal(shape, dtype=np.float32)
         if not shape:  # the logit scale: positive, near 1
             yield name, np.asarray(1.0 + 0.1 * noise, dtype=np.float32)
+        elif name.endswith(".lora_B"):  # fresh adapters: the base model, unchanged
+            yield name, np.zeros(shape, np.float32)
         elif name.endswith("embed.weight"):
             yield name, noise
         elif len(shape) == 1:

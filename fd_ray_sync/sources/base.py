@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,6 +63,10 @@ class TransportSpec:
     relayed: ClassVar[bool] = False
 
     version: str | None
+    # Only some of the model's parameters (`Fleet.update(..., partial=True)`): the others
+    # keep their committed values. Such a spec is never a restore's source on its own: it
+    # is not the whole model (see the coordinator's commit).
+    partial: bool = field(default=False, kw_only=True)
 
     def with_version(self, version: str) -> TransportSpec:
         return dataclasses.replace(self, version=version)

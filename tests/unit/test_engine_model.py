@@ -13,6 +13,7 @@ from fd_ray_sync.engine.model import (
     DecoderLM,
     ModelConfig,
     full_shapes,
+    lora_names,
     next_token_loss,
     param_bytes,
     preset,
@@ -163,3 +164,66 @@ def test_a_few_adam_steps_reduce_the_loss() -> None:
         optimizer.clear_grad()
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0]
+
+
+# --- LoRA adapters ---------------------------------------------------------------------------
+
+TINY_LORA = preset("tiny_lora")
+
+
+def test_lora_pairs_follow_their_projection_in_shapes_and_state_dict_order() -> None:
+    model = DecoderLM(TINY_LORA)
+    assert list(model.state_dict()) == list(full_shapes(TINY_LORA))
+    assert _shapes(model) == full_shapes(TINY_LORA)
+    names = lora_names(TINY_LORA)
+    # qkv, out, up, down in the dense layer 0; qkv, out in the MoE layer 1.
+    assert len(names) == 12 and "layers.1.mlp.up.lora_A" not in names
+    assert full_shapes(TINY_LORA)["layers.0.attn.qkv.lora_B"] == (4, 3 * TINY_LORA.d_model)
+    base = {n: s for n, s in full_shapes(TINY_LORA).items() if n not in names}
+    assert base == full_shapes(TINY)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_lora_shards_split_like_their_base_projection(rank: int) -> None:
+    parallel = ParallelConfig(tp=2, rank=rank)
+    model = DecoderLM(TINY_LORA, parallel)
+    full, plan = full_shapes(TINY_LORA), shard_plan(TINY_LORA, parallel)
+    assert _shapes(model) == {name: plan[name].local_shape(full[name]) for name in full}
+    p = "layers.0."
+    assert plan[p + "attn.qkv.lora_A"].is_replicated and plan[p + "mlp.down.lora_B"].is_replicated
+    assert (plan[p + "attn.qkv.lora_B"].axis, plan[p + "attn.qkv.lora_B"].index) == (1, rank)
+    assert (plan[p + "attn.out.lora_A"].axis, plan[p + "attn.out.lora_A"].index) == (0, rank)
+
+
+def test_zero_adapters_serve_the_base_and_trained_ones_change_it() -> None:
+    base = init_full_state_dict(TINY, seed=3)
+    with_lora = init_full_state_dict(TINY_LORA, seed=3)
+    assert all(not with_lora[n].any() for n in lora_names(TINY_LORA) if n.endswith("lora_B"))
+    plain, adapted = ReferenceEngine(TINY), ReferenceEngine(TINY_LORA)
+    plain.load_full_state_dict(base)
+    adapted.load_full_state_dict({**with_lora, **base})
+    ids = tokenizer.encode("adapters")
+    np.testing.assert_array_equal(plain.logits(ids), adapted.logits(ids))
+    bumped = {n: np.full_like(with_lora[n], 0.05) for n in lora_names(TINY_LORA)}
+    adapted.load_full_state_dict({**with_lora, **base, **bumped})
+    assert not np.allclose(plain.logits(ids), adapted.logits(ids))
+
+
+def test_training_only_the_adapters_moves_only_them() -> None:
+    paddle.seed(0)
+    model = DecoderLM(TINY_LORA)
+    adapters = set(lora_names(TINY_LORA))
+    params = model.state_dict()
+    for name, p in params.items():
+        p.stop_gradient = name not in adapters
+    before = {n: p.numpy().copy() for n, p in params.items()}
+    tokens = paddle.to_tensor([tokenizer.encode("the cat sat on the mat. " * 3)])
+    optimizer = paddle.optimizer.Adam(
+        learning_rate=1e-2, parameters=[params[n] for n in sorted(adapters)]
+    )
+    for _ in range(3):
+        next_token_loss(model(tokens), tokens).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    moved = {n for n, p in params.items() if not np.array_equal(p.numpy(), before[n])}
+    assert moved == adapters

@@ -6,12 +6,13 @@ import numpy as np
 import paddle
 import pytest
 
-from fd_ray_sync.checksum import digest
+from fd_ray_sync.checksum import digest, fingerprint
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import (
     ChecksumError,
+    PartialUpdateError,
     StateError,
     VerificationError,
     VersionError,
@@ -299,3 +300,82 @@ def test_checks_after_write_hash_each_parameter_as_it_is_copied(manager):
 
 def _pairs(manager, values):
     return [((n, manager.params[n]), values[n]) for n in manager.params]
+
+
+# --- partial updates ---------------------------------------------------------------------
+
+
+def _partial(m, state, version, check_after_write=False):
+    return m.write_prepared(m.prepare_load(m_source(state), version, check_after_write, True))
+
+
+def test_a_partial_update_writes_its_subset_and_keeps_the_rest(manager):
+    manager.update_from_state_dict(_shifted(manager), version="1")
+    manager.finalize_update()
+    before = _values(manager)
+    head = {n: v + 5.0 for n, v in before.items() if n.startswith("head.")}
+    with pytest.raises(WeightMismatchError, match="missing from the update: enc.bias, enc.weight"):
+        manager.update_from_state_dict(head, version="2")  # the default: every parameter
+    report = _partial(manager, head, "2", check_after_write=True)
+    manager.finalize_update()
+    assert report.params_updated == 2 and report.nbytes == sum(a.nbytes for a in head.values())
+    after = _values(manager)
+    for name, value in after.items():
+        np.testing.assert_array_equal(value, head.get(name, before[name]))
+    assert manager.version == "2"
+    # The fingerprint covers the whole model (the kept checksums and the written ones).
+    assert manager.fingerprint() == fingerprint((n, "float32", v) for n, v in after.items())
+
+
+def test_a_partial_update_still_refuses_unknown_names_and_cleared_parameters(manager):
+    head = {n: v for n, v in _shifted(manager).items() if n.startswith("head.")}
+    with pytest.raises(WeightMismatchError, match="not in the model: typo.weight"):
+        _partial(manager, {**head, "typo.weight": np.ones(2, np.float32)}, "1")
+    manager.clear_model_weight()
+    with pytest.raises(WeightMismatchError, match=r"hold nothing \(cleared\): enc.bias"):
+        _partial(manager, head, "1")
+
+
+def test_rollback_puts_back_exactly_the_tensors_a_partial_update_overwrote(manager):
+    manager.update_from_state_dict(_shifted(manager), version="1")
+    manager.finalize_update()
+    before, fp = _values(manager), manager.fingerprint()
+    head = {n: v + 5.0 for n, v in before.items() if n.startswith("head.")}
+    _partial(manager, head, "2", check_after_write=True)
+    assert manager.written_fingerprint() == fingerprint((n, "float32", v) for n, v in head.items())
+    assert manager.rollback() == ["head.bias", "head.weight"]
+    assert manager.status == ModelWeightsStatus.NORMAL and manager.version == "1"
+    for name, value in _values(manager).items():
+        np.testing.assert_array_equal(value, before[name])
+    assert manager.fingerprint() == fp
+    with pytest.raises(StateError, match="no partial load to roll back"):
+        manager.rollback()
+
+
+def test_a_partial_update_failing_mid_write_rolls_back_what_it_wrote(manager):
+    manager.update_from_state_dict(_shifted(manager), version="1")
+    manager.finalize_update()
+    before = _values(manager)
+    new = {n: v + 5.0 for n, v in before.items()}
+
+    written = []
+
+    def fail_on_second(name):
+        written.append(name)
+        if len(written) == 2:
+            raise OSError("the disk went away")
+
+    manager.on_write = fail_on_second
+    with pytest.raises(PartialUpdateError, match="after writing 2 of 4 parameters"):
+        _partial(manager, new, "2")
+    manager.on_write = None
+    assert len(manager.rollback()) == 2  # the two written, nothing else
+    for name, value in _values(manager).items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_full_update_keeps_no_undo_copy(manager):
+    manager.update_from_state_dict(_shifted(manager), version="1")
+    with pytest.raises(StateError, match="no partial load"):
+        manager.rollback()
+    assert manager.written_fingerprint() is None
