@@ -1,10 +1,10 @@
 """The fleet's metrics, defined once, recorded through Ray's metrics API.
 
 Every metric is a `ray.util.metrics` Counter, Gauge or Histogram named `fd_ray_sync_*`;
-Ray exports it from the node of the process that records it (the coordinator), on that
-node's Prometheus endpoint, as `ray_fd_ray_sync_*` (see docs/observability.md). Ray
-metrics only exist inside a process connected to Ray, so the metric objects are created
-on the first record in that process, not at import.
+Ray exports it from the node of the process that records it (the coordinator; a replica's
+front for requests), on that node's Prometheus endpoint, as `ray_fd_ray_sync_*` (see
+docs/observability.md). Ray metrics only exist inside a process connected to Ray, so the
+metric objects are created on the first record in that process, not at import.
 
 The recording functions are what the actors call: each is a few dictionary lookups, and
 none raises: a metric that cannot be recorded is logged once and the update goes on.
@@ -70,7 +70,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "requests": (
         "counter",
         ("fleet", "outcome"),
-        "Generation requests: served, failed, or paused (refused while updating).",
+        "Generation requests at the replicas' fronts: served, failed, or paused (met a "
+        "closed gate).",
     ),
 }
 
