@@ -472,18 +472,28 @@ class Fleet:
         return self._end
 
     def update_shards(
-        self, sets: Sequence[ShardSet | ray.ObjectRef], version: str | int, force: bool = False
+        self,
+        sets: Sequence[ShardSet | ray.ObjectRef],
+        version: str | int,
+        force: bool = False,
+        partial: bool = False,
     ) -> UpdateReport:
         """One update from several sharded trainers: each put its own pieces of each
         parameter (`fd_ray_sync.shards.put_shards`, in its own process) and `sets` holds
         what each returned (or the refs of their calls). The pieces are checked here (each
         parameter covered exactly once, one shape and dtype) before any rank sees them;
         every rank assembles its slice from the pieces that overlap it. No process holds
-        the whole model, this one included (it sees only where the pieces are)."""
+        the whole model, this one included (it sees only where the pieces are).
+        `partial`: the pieces may cover a subset of the parameters (see `update`)."""
         version = validate_version(version)
         sets = [ray.get(s) if isinstance(s, ray.ObjectRef) else s for s in sets]
         check_sets(sets)
-        spec = ShardedSpec(version, sets=tuple(sets), chunk_bytes=self.config.load.bucket_bytes)
+        spec = ShardedSpec(
+            version,
+            sets=tuple(sets),
+            chunk_bytes=self.config.load.bucket_bytes,
+            partial=partial,
+        )
         self._held = []
         return _get(self.coordinator.update.remote(spec, force))
 

@@ -1,4 +1,5 @@
-"""Checks shared by the fleet tests: what every rank must hold, and a rank killed mid-write."""
+"""Checks shared by the fleet tests: what every rank must hold, a rank killed mid-write,
+other handles on a fleet, and weights cut into sharded trainers' pieces."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import ray
@@ -14,6 +15,7 @@ import ray
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.errors import RankFailed
 from fd_ray_sync.sharding import take_shard
+from fd_ray_sync.shards import Shard, ShardSet, put_shards
 
 
 def expected_fingerprints(fleet, state):
@@ -71,3 +73,38 @@ def over_object_store(fleet):
 
     load = fleet.config.load.model_copy(update={"load_strategy": "object_store"})
     return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
+
+
+def over(fleet, strategy: str):
+    """Another handle on the same ranks that pushes with `strategy`."""
+    from fd_ray_sync.fleet import Fleet
+
+    load = fleet.config.load.model_copy(update={"load_strategy": strategy})
+    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
+
+
+def close(handle) -> None:
+    """What the handle's transport holds in this process (the ring, the group); the ranks
+    and the coordinator stay up for the next test."""
+    for held in (handle._ring, handle._end):
+        if held is not None:
+            held.close()
+
+
+def put_in_pieces(state: Mapping[str, np.ndarray], bucket_bytes: int = 32 << 10) -> list[ShardSet]:
+    """`state` as two sharded trainers put it: each parameter cut at a third (never the
+    fleet's TP split), by rows where it has three or more, else as flat ranges, and each
+    trainer's pieces put under its own id (by this process, which holds both here)."""
+    pieces: list[dict[str, Shard]] = [{}, {}]
+    for name, array in state.items():
+        shape = array.shape
+        by_rows = len(shape) >= 2 and shape[0] >= 3
+        n = shape[0] if by_rows else array.size
+        for k, (lo, hi) in enumerate([(0, n // 3), (n // 3, n)]):
+            if lo == hi:
+                continue
+            if by_rows:
+                pieces[k][name] = Shard(array[lo:hi], shape, axis=0, start=lo)
+            else:
+                pieces[k][name] = Shard(array.reshape(-1)[lo:hi], shape, flat=True, start=lo)
+    return [put_shards(p, trainer=k, bucket_bytes=bucket_bytes) for k, p in enumerate(pieces)]

@@ -1,5 +1,6 @@
 """Partial updates of LoRA adapters on a tp=2 fleet of the `tiny_lora` preset: the base once,
-then adapter-only updates over the object store, a snapshot folder and ipc; each lands bit
+then adapter-only updates over the object store, a snapshot folder, the ipc ring, the
+collective broadcast, registered ipc storage and sharded trainers' pieces; each lands bit
 for bit (fingerprints computed here from base + adapters), generation follows the adapter
 version, and a partial update that fails mid-write rolls back exactly."""
 
@@ -7,13 +8,20 @@ import numpy as np
 import pytest
 import ray
 
+from fd_ray_sync import ipc
 from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.engine.model import lora_names, preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import RankFailed, StateError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sources.snapshot import write_snapshot
-from tests.integration.fleet_checks import assert_serves, kill_rank0_mid_write
+from tests.integration.fleet_checks import (
+    assert_serves,
+    close,
+    kill_rank0_mid_write,
+    over,
+    put_in_pieces,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +52,6 @@ def local_text(state) -> str:
     engine = ReferenceEngine(LORA)
     engine.load_full_state_dict(state)
     return engine.generate(PROMPT, 12)[0]
-
-
-def over(fleet, strategy: str) -> Fleet:
-    load = fleet.config.load.model_copy(update={"load_strategy": strategy})
-    return Fleet(fleet.coordinator, fleet.config.model_copy(update={"load": load}))
 
 
 def test_adapter_only_updates_land_bit_identical_and_change_the_text(fleet, base, tmp_path):
@@ -124,7 +127,29 @@ def test_a_rank_lost_mid_partial_update_is_rebuilt_from_the_whole_model(fleet, b
     assert set(ray.get(fleet.coordinator.heal.remote())["restore_s"]) == {0}  # restored whole
 
 
+def test_adapter_only_updates_over_collective_registered_storage_and_shards(fleet, base):
+    """The same checks through the other transports, on the model rebuilt above."""
+    adapter_bytes = sum(a.nbytes for a in adapters(0).values())
+    collective = over(fleet, "collective")
+    pushes = {
+        10: lambda w, v: collective.update(w, v, partial=True),
+        11: lambda w, v: fleet.update(fleet.register(ipc.share(w)), v, partial=True),
+        12: lambda w, v: fleet.update_shards(put_in_pieces(w, 4 << 10), v, partial=True),
+    }
+    try:
+        for version, push in pushes.items():
+            new = adapters(version)
+            report = push(new, version)
+            state = {**base, **new}
+            assert report.nbytes == adapter_bytes  # what the trainer(s) sent: the adapters
+            assert {r.params_updated for r in report.ranks} == {len(new)}
+            assert_serves(fleet, state, version)
+            assert fleet.generate(PROMPT, 12)[0].text == local_text(state)
+    finally:
+        close(collective)
+
+
 def test_partial_updates_need_committed_weights(fleet):
     fleet.clear()
     with pytest.raises(StateError, match="holds none"):
-        fleet.update(adapters(8), version=8, partial=True)
+        fleet.update(adapters(13), version=13, partial=True)
