@@ -11,11 +11,13 @@ it before it touches the replica's ranks (an update's pause, a rebuild, clear, s
 opens it after, so no batch runs while weights change and every answer comes from one
 committed version. A close drains the batch in flight as its pause mode says:
 
-    abort  answer the requests in flight and queued at once ("aborted"); the ranks finish
-           the batch they are in (its results are dropped) before the close returns
+    abort  answer the requests in flight and queued at once ("aborted"); the ranks are
+           told to stop, end the engine call at the next token, all at the same step (an
+           engine that honours `stop`; see InferenceEngine.generate), and the close returns
     wait   let the batch in flight finish on the weights it started on; queued ones wait
-    keep   put the batch in flight back at the head of the queue: after the gate opens it
-           runs again from the start, on the new weights (its answer names that version)
+    keep   put the batch in flight back at the head of the queue and stop the engine call
+           as abort does: after the gate opens it runs again from the start, on the new
+           weights (its answer names that version)
 
 While the gate is closed for an update, a user's pause or a repair (`HOLDING`) new requests
 wait at the gate, up to the request timeout; for any other reason (the replica is down, asleep,
@@ -207,6 +209,8 @@ class ReplicaFrontActor:
         check_pause_mode(mode)
         self.closed[reason] = why
         inflight, self.inflight = self.inflight, []
+        if inflight and mode != "wait":  # its answer is dropped: end the engine call early
+            await self._interrupt()
         if mode == "abort":
             for request in [*inflight, *self.queue]:
                 _answer(request, {"aborted": f"replica {self.replica}: {why}"})
@@ -224,6 +228,13 @@ class ReplicaFrontActor:
             return True
         except asyncio.TimeoutError:
             return False
+
+    async def _interrupt(self) -> None:
+        try:
+            calls = [a.interrupt.remote() for a in self.ranks]
+            await asyncio.wait_for(asyncio.gather(*calls), self.timeout_s)
+        except Exception:  # noqa: BLE001 - a rank that cannot be told finishes the call
+            pass
 
     async def open(self, reason: str) -> None:
         self._start()

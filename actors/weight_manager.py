@@ -72,6 +72,7 @@ class WeightManagerActor:
         self.committed_fingerprints: dict[int, str | None] = {}
         self._watch: AnonPeak | None = None
         self._export: list[list[str]] = []  # parameter names of each exported bucket
+        self._stop = threading.Event()  # set by `interrupt`, asked by the engine
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -302,8 +303,15 @@ class WeightManagerActor:
             raise StateError(
                 f"rank {self.rank} is not serving: weights {m.status.name}, version {m.version}"
             )
-        texts = self._engine().generate(list(prompts), max_new_tokens)
+        self._stop.clear()  # an interrupt meant for an earlier call
+        texts = self._engine().generate(list(prompts), max_new_tokens, self._stop.is_set)
         return {"texts": texts, "version": m.version, "rank": self.rank}
+
+    @ray.method(concurrency_group="status")
+    def interrupt(self) -> None:
+        """End the running `generate` early (its answer is dropped by the front): the
+        replica's ranks stop together at the next token (see InferenceEngine.generate)."""
+        self._stop.set()
 
     @ray.method(concurrency_group="status")
     def status(self) -> dict:

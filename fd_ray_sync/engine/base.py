@@ -9,7 +9,7 @@ defaults, so callers never branch on the engine's type.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
@@ -38,8 +38,17 @@ class InferenceEngine(ABC):
         """Parameter name -> shape of the full (unsharded) parameter."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy generation; every TP rank of a replica must be called with the same input."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[str]:
+        """Greedy generation; every TP rank of a replica must be called with the same input.
+
+        `stop` (optional to honour): asked while generating; an engine that honours it ends
+        early on every TP rank at the same step once any rank's `stop()` is true (the
+        caller drops what comes back). One that does not simply runs to the end."""
 
     def _join_groups(self, parallel: ParallelConfig | None, groups: CommGroups | None) -> None:
         """Set `parallel` and `groups` (either may be derived from the other) and bring the

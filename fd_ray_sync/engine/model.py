@@ -39,7 +39,7 @@ so nothing derived from a parameter is ever kept across calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -595,6 +595,7 @@ class DecoderLM(nn.Layer):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias_attr=False)
         self.kv_cache = KVCache(config, config.n_heads // parallel.tp)
         self.kv_cache.alloc()
+        self._reduce_tp = GroupAllReduce(groups, "tp", parallel.tp)  # agreeing on a stop
 
     def forward(
         self, tokens: paddle.Tensor, start: int = 0, use_cache: bool = False
@@ -616,12 +617,19 @@ class DecoderLM(nn.Layer):
         return self.lm_head(self.ln_f(x)) * self.logit_scale
 
     @paddle.no_grad()
-    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    def generate_ids(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[int]:
         """Greedy continuation of one prompt. Deterministic.
 
         The prompt keeps its last `max_seq_len - max_new_tokens` tokens (at least one); an
         empty prompt starts from byte 0. There is no stop token, so every TP rank of a
-        replica runs the same number of steps and their collectives stay matched.
+        replica runs the same number of steps and their collectives stay matched. With
+        `stop`, the ranks ask it after every token and agree (one all-reduce over TP) to
+        end early, all at the same step: what they have so far is returned.
         """
         if max_new_tokens <= 0:
             return []
@@ -632,10 +640,17 @@ class DecoderLM(nn.Layer):
         pos, new = len(ids), []
         while True:
             new.append(int(paddle.argmax(logits[0, -1])))
-            if len(new) == max_new_tokens or pos == limit:
+            if len(new) == max_new_tokens or pos == limit or self._stopped(stop):
                 return new
             logits = self(paddle.to_tensor([[new[-1]]], dtype="int64"), start=pos, use_cache=True)
             pos += 1
+
+    def _stopped(self, stop: Callable[[], bool] | None) -> bool:
+        """Whether any TP rank of the replica was asked to stop (all agree)."""
+        if stop is None:
+            return False
+        flag = paddle.to_tensor([1.0 if stop() else 0.0], dtype="float32")
+        return float(self._reduce_tp(flag)[0]) > 0
 
 
 def next_token_loss(logits: paddle.Tensor, tokens: paddle.Tensor) -> paddle.Tensor:

@@ -6,7 +6,7 @@ It is what the demo, the tests and the benchmarks serve. Requests run to complet
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -114,13 +114,19 @@ class ReferenceEngine(InferenceEngine):
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         return full_shapes(self.config)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[str]:
         """Greedy decoding, one prompt at a time; a prompt repeated in the batch is
-        decoded once (same weights, same prompt: the same text)."""
-        texts = {
-            p: tokenizer.decode(self.model.generate_ids(tokenizer.encode(p), max_new_tokens))
-            for p in dict.fromkeys(prompts)
-        }
+        decoded once (same weights, same prompt: the same text). `stop`: the replica's
+        ranks end early together once any is asked to (see DecoderLM.generate_ids)."""
+        texts = {}
+        for p in dict.fromkeys(prompts):
+            ids = self.model.generate_ids(tokenizer.encode(p), max_new_tokens, stop)
+            texts[p] = tokenizer.decode(ids)
         return [texts[p] for p in prompts]
 
     @property

@@ -98,5 +98,5 @@ class SyntheticEngine(InferenceEngine):
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop=None) -> list[str]:
         raise StateError("the synthetic benchmark model has weights only; it cannot generate")

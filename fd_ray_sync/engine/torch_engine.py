@@ -82,7 +82,8 @@ class TorchEngine(InferenceEngine):
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._full)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop=None) -> list[str]:
+        """Runs every prompt to the end: `stop` is not honoured (see InferenceEngine)."""
         if self._kv != KVCacheStatus.NORMAL:
             raise StateError("the KV cache is freed; call alloc_kv_cache() before generating")
         return [

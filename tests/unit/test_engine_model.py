@@ -227,3 +227,17 @@ def test_training_only_the_adapters_moves_only_them() -> None:
         optimizer.clear_grad()
     moved = {n for n, p in params.items() if not np.array_equal(p.numpy(), before[n])}
     assert moved == adapters
+
+
+def test_a_stop_asked_mid_generation_ends_it_at_that_token() -> None:
+    engine = ReferenceEngine(TINY, seed=3)
+    full = engine.generate(["The trainer "], 20)[0]
+    asked = []
+
+    def stop() -> bool:  # true from the fifth token on
+        asked.append(1)
+        return len(asked) >= 5
+
+    short = engine.generate(["The trainer "], 20, stop)[0]
+    assert len(asked) == 5 and short == full[:5]  # the same tokens, cut where it was asked
+    assert engine.generate(["The trainer "], 20, lambda: False)[0] == full
