@@ -128,18 +128,8 @@ class ServingMixin:
 
     @ray.method(concurrency_group="status")
     def status(self) -> dict:
-        ranks = []
-        for rank, actor in enumerate(self.ranks):
-            try:
-                ranks.append(ray.get(actor.status.remote(), timeout=10))
-            except Exception as e:  # noqa: BLE001 - a dead rank is part of the answer
-                ranks.append({"rank": rank, "error": f"{type(e).__name__}"})
-        gates = []
-        for replica, front in enumerate(self._fronts):
-            try:
-                gates.append(ray.get(front.state.remote(), timeout=10))
-            except Exception as e:  # noqa: BLE001 - a dead front is part of the answer
-                gates.append({"replica": replica, "error": f"{type(e).__name__}"})
+        ranks = _answers([a.status for a in self.ranks], "rank")
+        gates = _answers([f.state for f in self._fronts], "replica")
         # A rank Ray restarted since it was set up holds nothing: its replica does not serve
         # until the next request or update rebuilds it.
         serving, down = list(self._ok), dict(self._down)
@@ -185,3 +175,16 @@ class ServingMixin:
     @ray.method(concurrency_group="status")
     def rank_handles(self) -> list:
         return list(self.ranks)
+
+
+def _answers(methods: list, key: str) -> list[dict]:
+    """Each method's answer, asked all at once; one that fails (a dead rank or front) is
+    part of the answer: {key: its index, "error": the exception's name}."""
+    refs = [m.remote() for m in methods]
+    out = []
+    for i, ref in enumerate(refs):
+        try:
+            out.append(ray.get(ref, timeout=10))
+        except Exception as e:  # noqa: BLE001
+            out.append({key: i, "error": f"{type(e).__name__}"})
+    return out
