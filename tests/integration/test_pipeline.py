@@ -14,8 +14,9 @@ from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.errors import RankFailed
-from fd_ray_sync.fleet import Fleet, _StoreRoom
+from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.messages import TensorMeta
+from fd_ray_sync.push import _StoreRoom
 from fd_ray_sync.ray_stats import local_store_room
 
 pytestmark = pytest.mark.slow
