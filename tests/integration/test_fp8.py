@@ -10,6 +10,7 @@ import paddle
 import pytest
 import ray
 import torch
+from fleet_checks import close, over, put_in_pieces
 
 from fd_ray_sync import ipc
 from fd_ray_sync.checksum import fingerprint
@@ -20,7 +21,6 @@ from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.sources.snapshot import write_snapshot
 from fd_ray_sync.tensors import BITS_DTYPES, tagged, to_host
-from tests.integration.fleet_checks import close, over, put_in_pieces
 
 pytestmark = pytest.mark.slow
 TINY_FP8 = preset("tiny_fp8")

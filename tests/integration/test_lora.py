@@ -7,6 +7,13 @@ version, and a partial update that fails mid-write rolls back exactly."""
 import numpy as np
 import pytest
 import ray
+from fleet_checks import (
+    assert_serves,
+    close,
+    kill_rank0_mid_write,
+    over,
+    put_in_pieces,
+)
 
 from fd_ray_sync import ipc
 from fd_ray_sync.config import FleetConfig
@@ -15,13 +22,6 @@ from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import RankFailed, StateError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sources.snapshot import write_snapshot
-from tests.integration.fleet_checks import (
-    assert_serves,
-    close,
-    kill_rank0_mid_write,
-    over,
-    put_in_pieces,
-)
 
 pytestmark = pytest.mark.slow
 
