@@ -130,6 +130,7 @@ def test_pause_wait_lets_the_request_in_flight_finish_on_its_version(fleet):
     wait_in_flight(fleet)
     fleet.pause("wait")  # returns once the request in flight is done
     try:
+        slow["thread"].join(timeout=30)  # its answer is on its way: no resume needed
         assert slow["result"][0].version == version
         held = in_background(lambda: fleet.generate(["x"], 4))
         time.sleep(0.5)
