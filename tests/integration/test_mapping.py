@@ -133,3 +133,21 @@ def test_unmapped_missing_or_doubly_mapped_names_are_refused_before_anything_mov
     # The refusals came from this process (a rank's would be RankFailed): version 3 is
     # still new to the fleet and loads.
     assert fleet.update(hf, version=3, mapping=mapping).version == "3"
+
+
+def test_weights_trained_by_adam_then_exported_in_llama_layout_serve_the_same(fleet):
+    from fd_ray_sync.trainer import TinyTrainer
+
+    trainer = TinyTrainer(TINY, seed=3)
+    before = {n: np.array(p.numpy()) for n, p in trainer.weights()}
+    trainer.train(5)  # real paddle autograd and Adam steps
+    trained = {n: np.array(p.numpy()) for n, p in trainer.weights()}
+    assert any(not np.array_equal(before[n], trained[n]) for n in trained)
+    version = int(fleet.status()["version"] or 0) + 1
+    fleet.update(to_llama(trained, TINY), version=version, mapping=llama_to_reference(TINY))
+    assert [r.text for r in fleet.generate(PROMPTS, 12)] == reference_generation(trained)
+    for rank in fleet.status()["ranks"]:
+        plan = fleet.shard_plans()[rank["rank"]]
+        assert rank["fingerprint"] == fingerprint(
+            (n, "float32", take_shard(a, plan[n])) for n, a in trained.items()
+        )
