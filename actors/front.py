@@ -43,10 +43,11 @@ PAUSE_MODES = ("abort", "wait", "keep")
 # Reasons a closed gate holds new requests for (they pass once it opens); any other reason
 # turns them away so the router tries another replica.
 HOLDING = frozenset({"update", "pause", "repair"})
+# What a call on an actor raises when it is dead or being restarted.
+ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # What a call on a rank raises when its replica cannot serve: dead, restarting, not set up.
 REPLICA_DOWN = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.ActorUnavailableError,
+    *ACTOR_GONE,
     asyncio.TimeoutError,
     StateError,
     VerificationError,

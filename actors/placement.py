@@ -19,15 +19,14 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.front import ReplicaFrontActor, front_actor_name
+from actors.front import ACTOR_GONE, ReplicaFrontActor, front_actor_name
 from actors.weight_manager import WeightManagerActor
 from fd_ray_sync import metrics
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, StateError
 from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.version import is_newer
 
-# What a call on a rank raises when its actor is dead or being restarted.
-RANK_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+RANK_LOST = ACTOR_GONE  # what a call on a rank raises when it is dead or being restarted
 
 
 def rank_actor_name(fleet: str, rank: int) -> str:

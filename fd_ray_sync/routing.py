@@ -21,12 +21,11 @@ from typing import Any
 
 import ray
 
-from actors.front import HOLDING
+from actors.front import ACTOR_GONE, HOLDING
 from fd_ray_sync.errors import RequestAborted, StateError, WeightSyncError
 from fd_ray_sync.messages import GenerationResult
 
 REFRESH_S = 2.0
-FRONT_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class Router:
@@ -111,7 +110,7 @@ class Router:
     def _call(self, front, prompts, max_new_tokens, hold: bool) -> dict | None:
         try:
             return ray.get(front.generate.remote(list(prompts), max_new_tokens, hold))
-        except FRONT_GONE:
+        except ACTOR_GONE:
             self._fronts = []  # scaled away or restarting: ask the coordinator again
             return None
         except ray.exceptions.RayTaskError as e:
@@ -145,7 +144,7 @@ class Router:
     async def _acall(self, front, prompts, max_new_tokens, hold: bool) -> dict | None:
         try:
             return await front.generate.remote(list(prompts), max_new_tokens, hold)
-        except FRONT_GONE:
+        except ACTOR_GONE:
             self._fronts = []
             return None
         except ray.exceptions.RayTaskError as e:

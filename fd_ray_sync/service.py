@@ -52,12 +52,11 @@ from fd_ray_sync.errors import (
     WeightSyncError,
 )
 from fd_ray_sync.routing import Router
+from fd_ray_sync.sleep import sleep_tags
 from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.version import validate_version
 
 TOKEN_ENV = "FD_RAY_SYNC_TOKEN"
-SLEEP_TAGS = ("weights", "kv_cache")
-
 app = FastAPI(title="fd-ray-sync", description="A fleet's completions and weight control.")
 
 
@@ -139,17 +138,11 @@ async def _call(method, *args):
         raise
 
 
-def _tags(tags: str | None) -> list[str] | None:
-    """`weights,kv_cache` (FastDeploy writes `weight`) -> the fleet's tag names."""
+def _tags(tags: str | None) -> tuple[str, ...] | None:
+    """`weights,kv_cache` (FastDeploy writes `weight`) -> the fleet's tag names, checked."""
     if tags is None or not tags.strip():
         return None
-    out = []
-    for tag in (t.strip() for t in tags.split(",")):
-        tag = "weights" if tag == "weight" else tag
-        if tag not in SLEEP_TAGS:
-            raise ConfigError(f"tags: {tag!r} is not one of {', '.join(SLEEP_TAGS)}")
-        out.append(tag)
-    return out
+    return sleep_tags(["weights" if t.strip() == "weight" else t.strip() for t in tags.split(",")])
 
 
 @serve.deployment(max_ongoing_requests=256)

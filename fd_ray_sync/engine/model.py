@@ -649,6 +649,8 @@ class DecoderLM(nn.Layer):
         """Whether any TP rank of the replica was asked to stop (all agree)."""
         if stop is None:
             return False
+        if self._reduce_tp.size == 1:
+            return stop()
         flag = paddle.to_tensor([1.0 if stop() else 0.0], dtype="float32")
         return float(self._reduce_tp(flag)[0]) > 0
 
