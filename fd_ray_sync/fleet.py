@@ -321,6 +321,7 @@ class Fleet:
         """Stop the ranks and the coordinator."""
         get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
+        self._held = []  # the committed buckets this driver kept alive go with the fleet
         if self._ring is not None:
             self._ring.close()
             self._ring = None

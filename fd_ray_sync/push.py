@@ -93,6 +93,9 @@ def push_buckets(
         # its buckets alive with the last committed ones until an update is confirmed.
         fleet._held = [*fleet._held[-1:], refs]
         raise
+    except BaseException:
+        refs.clear()  # a failed version's buckets go now, whoever still holds this frame
+        raise
     # This driver owns the buckets: holding the committed version's refs keeps them
     # (the rollback and recovery copy) alive even if every rank holding them dies.
     fleet._held = [refs] if fleet.config.keep_committed else []
@@ -198,9 +201,15 @@ def get(ref):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, WeightSyncError):
-            raise e.cause from None
-        raise
+        # Ray's frames hold the error they raise in a reference cycle through its traceback,
+        # and those frames hold their callers' (bucket refs in an update's locals): without
+        # the traceback, nothing outlives the error's handlers until a garbage collection.
+        e.__traceback__ = None
+        cause = e.cause if isinstance(e.cause, WeightSyncError) else e
+    try:
+        raise cause from None
+    finally:
+        del cause  # this frame, in the error's traceback, must not hold the error
 
 
 def get_now(method, *args, timeout: float = 10.0):

@@ -184,18 +184,47 @@ def test_nan_is_refused_when_the_fleet_checks_values(fleet):
 def test_object_store_use_returns_to_one_committed_copy_after_each_commit(fleet):
     state = init_full_state_dict(TINY, seed=11)
     model_bytes = sum(a.nbytes for a in state.values())
-    bound = model_bytes * 1.05 + (1 << 20)  # the committed copy, kept for rollback
-    # Earlier tests' expected errors sit in reference cycles in this process (exceptions,
-    # their tracebacks, the frames holding bucket refs) until a full garbage collection;
-    # their buckets stay in the store until then (a follow-up: break those cycles).
+    bound = model_bytes * 1.5  # the committed copy, kept for rollback: one, never two
+    bad = dict(state)
+    bad["logit_scale"] = np.array(np.nan, dtype=bad["logit_scale"].dtype)  # check_finite
+    gc.collect()  # what earlier tests left; from here on, no collection may help
+    gc.disable()
+    try:
+        # A failed update's buckets go with it: no reference cycle in this process (its
+        # error, the error's traceback, the frames that held the bucket refs) keeps them.
+        with pytest.raises(RankFailed, match="NaN"):
+            fleet.update(bad, version=19)
+        for version in range(20, 24):
+            fleet.update(state, version=version)
+            # Borrowers report dropped refs to the owner asynchronously: allow a few seconds.
+            deadline = time.monotonic() + 10
+            while (used := object_store_bytes_used()) > bound and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert used <= bound, (version, used, model_bytes)
+    finally:
+        gc.enable()
+
+
+def test_a_fleet_shut_down_leaves_nothing_in_the_store(ray_cluster):
     gc.collect()
-    for version in range(20, 24):
-        fleet.update(state, version=version)
-        # Borrowers report dropped refs to the owner asynchronously: allow a few seconds.
-        deadline = time.monotonic() + 10
-        while (used := object_store_bytes_used()) > bound and time.monotonic() < deadline:
+    gc.disable()  # the fleet's copy must go at shutdown, not at a garbage collection
+    before = object_store_bytes_used()  # other tests' fleets keep their own copies
+    try:
+        fleet = Fleet.launch(FleetConfig(name="gone", tp=1, dp=1))
+        state = init_full_state_dict(TINY, seed=13)
+        fleet.update(state, version=1)
+        kept = before + sum(a.nbytes for a in state.values())  # the copy kept for rollback
+        deadline = time.monotonic() + 10  # the store's figures lag a little
+        while object_store_bytes_used() < kept and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert used <= bound, (version, used, model_bytes)
+        assert object_store_bytes_used() >= kept
+        fleet.shutdown()
+        deadline = time.monotonic() + 10
+        while object_store_bytes_used() > before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert object_store_bytes_used() <= before
+    finally:
+        gc.enable()
 
 
 def test_without_a_kept_copy_the_store_empties_and_a_lost_replica_stays_down(ray_cluster):
