@@ -67,15 +67,24 @@ class RecoveryMixin:
 
     def _from_peer(self, replica: int) -> TransportSpec | None:
         """The committed version as a serving replica's ranks export it (the first that
-        can, other than `replica`), or None when no other replica serves it."""
-        for peer in range(self.config.dp):
-            if peer == replica or not self._ok[peer] or peer in self._behind:
-                continue
+        can, other than `replica`), or None when no other replica serves it. Peers on
+        `replica`'s own node come first: their copy reaches it without crossing a link."""
+        home = self._replica_nodes(replica)
+        peers = [
+            p
+            for p in range(self.config.dp)
+            if p != replica and self._ok[p] and p not in self._behind
+        ]
+        peers.sort(key=lambda p: not home & self._replica_nodes(p))  # stable: then in order
+        for peer in peers:
             try:
                 return self._peer_spec(peer, self._export(peer))
             except RankFailed as e:
                 self.log.warning("replica %d cannot export its weights: %s", peer, e)
         return None
+
+    def _replica_nodes(self, replica: int) -> set[str]:
+        return {self._nodes[r] for r in self._replica_ranks(replica) if r in self._nodes}
 
     def _kept_copy(self) -> TransportSpec | None:
         """The rollback copy replica 0 exported after the commit (transports whose data the

@@ -533,6 +533,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--delay-ms", type=float, default=0.0, help="shaped network: one-way delay (netem)"
     )
     p.add_argument(
+        "--replicas-per-node",
+        type=int,
+        default=1,
+        help="shaped network: replicas on each rank node (2 or more: the rebuilt replica "
+        "has a peer on its own node)",
+    )
+    p.add_argument(
         "--no-rollback-copy",
         action="store_true",
         help="ours: do not keep the committed version in the object store",
@@ -556,6 +563,7 @@ def run_from_args(args, on_progress: Callable[[int, int, str], None] | None = No
                 args.bucket_mb,
                 methods,
                 args.delay_ms,
+                args.replicas_per_node,
             )
             result = {**r, "nodes": {**result.get("nodes", {}), **r["nodes"]}}
         if args.json:

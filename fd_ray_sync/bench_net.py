@@ -59,6 +59,7 @@ def run_shaped(
     bucket_mb: int,
     methods: list[str],
     delay_ms: float = 0.0,
+    replicas_per_node: int = 1,
 ) -> dict:
     """Build the network, run the driver in its head namespace, tear it down; the results."""
     from fd_ray_sync.bench import Setup
@@ -70,15 +71,18 @@ def run_shaped(
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
-    setup = Setup(size_gb, tp, nodes)
-    store = int(setup.model_bytes * 2.5) + (256 << 20)
+    setup = Setup(size_gb, tp, nodes * replicas_per_node)
+    store = int(setup.model_bytes * (1.5 + replicas_per_node)) + (256 << 20)
+    cpus = tp * replicas_per_node
     with tempfile.TemporaryDirectory(prefix="fdrs-net-bench-") as tmp:
-        with ShapedNetwork(nodes, link_gbit, delay_ms, cpus_per_node=tp, store_bytes=store) as net:
+        net = ShapedNetwork(nodes, link_gbit, delay_ms, cpus_per_node=cpus, store_bytes=store)
+        with net:
             members = {name: m[0] for name, m in net.members.items()}
             config = {
                 "size_gb": size_gb,
                 "tp": tp,
                 "nodes": nodes,
+                "replicas_per_node": replicas_per_node,
                 "runs": runs,
                 "bucket_mb": bucket_mb,
                 "methods": methods,
@@ -110,7 +114,8 @@ def _drive(config: dict) -> dict:
         namespace="fd_ray_sync",
         log_to_driver=False,
     )
-    setup = Setup(config["size_gb"], config["tp"], config["nodes"])
+    per_node = config.get("replicas_per_node", 1)
+    setup = Setup(config["size_gb"], config["tp"], config["nodes"] * per_node)
     meter = LinkMeter(config["members"], config["dev"])
     # tbf charges whole frames: at MTU 1500, 1448 payload bytes of every 1514 (netlab).
     link_bytes_s = config["network"]["link_gbit"] * 1e9 / 8 * PAYLOAD
@@ -118,8 +123,9 @@ def _drive(config: dict) -> dict:
     bucket = config["bucket_mb"] << 20
     runs = config["runs"]
     print(
-        f"{config['nodes']} rank nodes x tp={config['tp']}, links {config['network']['link_gbit']}"
-        f" Gbit/s, model {setup.model_bytes / GiB:.3f} GiB: floor {floor:.3f}s",
+        f"{config['nodes']} rank nodes x {per_node} replica(s) x tp={config['tp']}, links "
+        f"{config['network']['link_gbit']} Gbit/s, model {setup.model_bytes / GiB:.3f} GiB: "
+        f"floor {floor:.3f}s",
         flush=True,
     )
     results = {}
@@ -154,6 +160,7 @@ def _drive(config: dict) -> dict:
         "link_gbit": config["network"]["link_gbit"],
         "delay_ms": config["network"]["delay_ms"],
         "tp": config["tp"],
+        "replicas_per_node": per_node,
         "bucket_mb": config["bucket_mb"],
         "piece_mb": _piece_mb(),
         "runs": runs,

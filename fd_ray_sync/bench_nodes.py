@@ -103,7 +103,8 @@ def _ours(
     strategy: str = "object_store",
     rebuild: bool = False,
 ) -> dict:
-    """Our fleet, one replica per rank node; `meter.settled()` gives each node's sent bytes."""
+    """Our fleet, its replicas spread over the rank nodes; `meter.settled()` gives each
+    node's sent bytes."""
     from fd_ray_sync.bench import WARMUP
     from fd_ray_sync.fleet import Fleet
 
