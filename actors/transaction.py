@@ -27,7 +27,7 @@ from fd_ray_sync.errors import (
     StateError,
     VersionError,
 )
-from fd_ray_sync.feed import BucketFeed, relay_plan
+from fd_ray_sync.feed import BucketFeed
 from fd_ray_sync.messages import LoadReport, PrepareReport, UpdateReport
 from fd_ray_sync.ray_stats import ProcessRef, is_alive
 from fd_ray_sync.sources import TransportSpec, VersionOnly
@@ -188,10 +188,8 @@ class TransactionMixin:
                 metas, refs = feed.wait_all(self.config.phase_timeout_s)
                 spec = ObjectStoreSpec(version, metas, refs)
             elif self.config.relay and spec.relayed:
-                with feed.cond:
-                    ranks = len(self._first_replicas()) * self.config.tp
-                    feed.node_of = {r: n for r, n in self._nodes.items() if r < ranks}
-                    feed.source, feed.relayers = relay_plan(feed.node_of, trainer_node)
+                ranks = len(self._first_replicas()) * self.config.tp
+                feed.chain({r: n for r, n in self._nodes.items() if r < ranks}, trainer_node)
             spec = dataclasses.replace(spec, version=version, partial=partial)
             return self._transaction(spec, feed, force)
         except Exception as e:

@@ -161,6 +161,7 @@ def _drive(config: dict) -> dict:
         "delay_ms": config["network"]["delay_ms"],
         "tp": config["tp"],
         "replicas_per_node": per_node,
+        "relay_widened": True,  # the relay's window grows with its chain (scale.model)
         "bucket_mb": config["bucket_mb"],
         "piece_mb": _piece_mb(),
         "runs": runs,

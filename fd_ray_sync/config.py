@@ -170,7 +170,8 @@ class FleetConfig(_Frozen):
         ge=2,
         description="Pipelined updates: buckets put and not yet written by every rank, at "
         "most (backpressure; bounds the update's object-store use when keep_committed is "
-        "off). At least 2: a rank reports bucket i written when it asks for bucket i+2.",
+        "off). At least 2: a rank reports bucket i written when it asks for bucket i+2. "
+        "A relay chain of n nodes adds n - 1, so that every hop moves a bucket at once.",
     )
     relay: bool = Field(
         True,

@@ -31,11 +31,14 @@ class BucketFeed:
     """One pipelined update's buckets, as the trainer puts them and the ranks take them.
 
     Before putting another bucket, the trainer waits until every rank has written the one
-    `ahead` places back (backpressure); a rank asks for bucket i+1 before writing bucket
-    i, saying which ones it has written. Calls run in the coordinator's feed threads in
-    no guaranteed order, so buckets are kept by index and the end may be announced before
-    the last bucket is in; and no caller sends a call that another of its calls waiting
-    here depends on. Closing wakes every waiter with the reason (the update failed/ended).
+    `ahead` places back (backpressure), and on a relay chain of n nodes n - 1 more (`chain`:
+    every hop then has a bucket to move at once; a bucket of a longer window stays in the
+    store until every rank wrote it, the trainer's copy and each relayer's); a rank asks
+    for bucket i+1 before writing bucket i, saying which ones it has written. Calls run in
+    the coordinator's feed threads in no guaranteed order, so buckets are kept by index
+    and the end may be announced before the last bucket is in; and no caller sends a call
+    that another of its calls waiting here depends on. Closing wakes every waiter with the
+    reason (the update failed/ended).
     """
 
     def __init__(self, ranks: int, keep: bool):
@@ -47,6 +50,7 @@ class BucketFeed:
         self.source: dict[str, str] = {}
         self.relayers: set[int] = set()
         self.relayed: dict[tuple[str, int], object] = {}
+        self.widen = 0  # buckets the trainer's backpressure allows beyond its own window
         self.count: int | None = None  # set when the trainer has put the last bucket
         self.expected: dict[int, str] | None = None
         self.written = [-1] * ranks
@@ -72,8 +76,17 @@ class BucketFeed:
             self.buckets[meta.index] = [meta, ref]
             self.cond.notify_all()
 
-    def wait_written(self, index: int, timeout: float) -> None:
+    def chain(self, node_of: dict[int, str], trainer_node: str | None) -> None:
+        """Relay this update along `relay_plan(node_of, trainer_node)`."""
         with self.cond:
+            self.node_of = dict(node_of)
+            self.source, self.relayers = relay_plan(self.node_of, trainer_node)
+            self.widen = len(self.source)
+
+    def wait_written(self, index: int, timeout: float) -> None:
+        """Return once every rank wrote bucket `index` (less the relay chain's widening)."""
+        with self.cond:
+            index -= self.widen
             self._wait(lambda: min(self.written) >= index, timeout, f"ranks did not write {index}")
 
     def end(self, count: int, expected: dict[int, str] | None) -> None:

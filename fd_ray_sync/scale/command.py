@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket-mb", type=float, default=1024.0, help="MiB a bucket")
     p.add_argument(
         "--buckets-in-flight", type=int, default=2,
-        help="object_store relay: buckets on their way at once (FleetConfig.buckets_in_flight)",
+        help="object_store relay: FleetConfig.buckets_in_flight (the fleet adds the chain's "
+        "hops - 1)",
     )  # fmt: skip
     p.add_argument("--piece-mb", type=float, default=16.0, help="MiB a piece (collective, ipc)")
     p.add_argument("--trainer-nodes", type=int, default=1, help="nodes the trainer sends from")

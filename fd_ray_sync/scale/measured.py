@@ -107,6 +107,10 @@ def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
             raise ConfigError(f"{path}: {where}: {key}={obj[key]!r} is not a number") from None
 
     notes = []
+    if doc.get("replicas_per_node", 1) != 1:
+        notes.append(f"{path}: {doc['replicas_per_node']} replicas a node: not the layout "
+                     "the model reads; skipped")  # fmt: skip
+        return [], notes
     link, tp = need(doc, "link_gbit", "the file", float), need(doc, "tp", "the file", int)
     bucket_mb = need(doc, "bucket_mb", "the file", float)
     piece_mb = doc.get("piece_mb")
@@ -124,6 +128,7 @@ def load_measured(path: str | Path) -> tuple[list[MeasuredRun], list[str]]:
         bucket_bytes=int(bucket_mb * MiB),
         piece_bytes=int(piece_mb * MiB), trainer_gpus=1, source="host",
         delay_s=need(doc, "delay_ms", "the file", float) / 1e3 if "delay_ms" in doc else 0.0,
+        relay_widened=bool(doc.get("relay_widened", False)),  # files before it say nothing
     )  # fmt: skip
     runs = []
     for count, entry in need(doc, "nodes", "the file").items():

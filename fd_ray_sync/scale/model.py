@@ -15,8 +15,10 @@ Every transport is the same pipeline, read off its `TransportModel` (no branchin
     bw      = link_gbit / 8 * payload_share a NIC (payload_share: 1, or TCP's 1448/1514)
 
 The object-store relay stores and forwards whole buckets (its fill's piece is a bucket), and
-its backpressure lets c = buckets_in_flight - 1 of them travel the chain at once: with k
-buckets and more hops than c, wait = (k - 1 - c) * (hops / c - 1) * bucket / bw.
+its backpressure lets c = buckets_in_flight - 1 of them travel the chain at once, plus
+hops - 1 where the fleet widens its window along the chain (`relay_widened`, the default
+since session 7): with k buckets and more hops than c, wait = (k - 1 - c) * (hops / c - 1)
+* bucket / bw, which the widened window makes 0.
 
 The network stages overlap each other (a pipeline); the copies and overheads are added on
 top (conservative: our ranks do write while later buckets arrive). The four `Constants` enter
@@ -121,6 +123,11 @@ class PlanInputs(FrozenModel):
         description="object_store relay: buckets put and not yet written by every rank, at "
         "most (FleetConfig.buckets_in_flight). Ranks report writes one bucket late, so "
         "buckets_in_flight - 1 travel the relay chain at once; a longer chain waits.",
+    )
+    relay_widened: bool = Field(
+        True,
+        description="object_store relay: the fleet adds hops - 1 to buckets_in_flight along "
+        "a chain (what it does since session 7; runs measured before it had not).",
     )
     piece_bytes: int = Field(16 * MiB, ge=1, description="Bytes per piece of a bucket.")
     trainer_nodes: int = Field(
@@ -277,7 +284,8 @@ def features(x: PlanInputs) -> Features:
         # more hops than c, each c buckets take a trip down the chain (hops bucket-times)
         # instead of c bucket-times: (k - 1 - c) buckets wait (hops/c - 1) bucket-times each.
         fill_unit = min(bucket, chain / rails_used)
-        k, c = chain / (rails_used * fill_unit), x.buckets_in_flight - 1
+        c = x.buckets_in_flight - 1 + (hops - 1 if x.relay_widened else 0)
+        k = chain / (rails_used * fill_unit)
         wait = max(0.0, k - 1 - c) * max(0.0, hops / c - 1) * fill_unit / rail_bw
     stages = {  # ties name the first: a node's ingress before the trainer's egress
         "node ingress": ingress / (nic * rails) + wait,

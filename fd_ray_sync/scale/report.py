@@ -50,8 +50,8 @@ def variants(x: PlanInputs) -> list[tuple[str, PlanInputs]]:
         ),
         ("object_store relay", _with(x, transport="object_store", delivery="full")),
         (
-            f"object_store relay, {x.nodes + 1} in flight",
-            _with(x, transport="object_store", delivery="full", buckets_in_flight=x.nodes + 1),
+            "object_store relay, window not widened",
+            _with(x, transport="object_store", delivery="full", relay_widened=False),
         ),
         ("naive_ray", _with(x, transport="naive_ray", delivery="full")),
     ]

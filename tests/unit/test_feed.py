@@ -52,6 +52,19 @@ def test_the_relay_chain_starts_next_to_the_trainer_and_each_node_feeds_the_next
     assert relay_plan({0: "A", 1: "A", 2: "T"}, "T") == ({}, set())  # one node: no chain
 
 
+def test_a_relay_chain_widens_the_trainers_window_by_its_hops():
+    feed = BucketFeed(ranks=3, keep=True)
+    feed.chain({0: "A", 1: "B", 2: "C"}, trainer_node="T")  # T -> A -> B -> C
+    assert feed.widen == 2
+    feed.wait_written(1, timeout=0.1)  # nothing written yet: buckets 0-3 may be out at once
+    with pytest.raises(StateError, match="did not write 0"):
+        feed.wait_written(2, timeout=0.1)  # a fifth waits for every rank to write bucket 0
+    direct = BucketFeed(ranks=2, keep=True)
+    direct.chain({0: "A", 1: "A"}, trainer_node="T")  # one node: no chain, no widening
+    with pytest.raises(StateError, match="did not write 0"):
+        direct.wait_written(0, timeout=0.1)
+
+
 def test_a_rank_gets_its_nodes_copy_once_the_node_before_relayed_it():
     feed = BucketFeed(ranks=2, keep=True)
     feed.node_of = {0: "A", 1: "B"}
@@ -86,3 +99,4 @@ def test_wait_closed_wakes_a_watcher_when_the_feed_closes():
     assert woken == ["the trainer (driver of job 01000000, pid 1) died"]  # woken at once
     with pytest.raises(StateError, match="the trainer .* died"):
         feed.take(0, 0, -1, timeout=5)
+

@@ -135,6 +135,7 @@ def _bench_files(tmp_path) -> list:
             "piece_mb": piece_mb,
             "runs": 3,
             "memcpy_gbps": 12.0,
+            "relay_widened": True,
             "nodes": {},
         }
         for nodes, size in ((2, 256 << 20), (4, 1 << 30), (8, 512 << 20)):
@@ -346,21 +347,26 @@ def test_a_run_that_re_sent_bytes_is_compared_but_not_fitted(tmp_path):
     assert set(got) == {"collective", "object_store"}
 
 
-def test_the_relay_waits_on_its_backpressure_window():
+def test_the_relay_waits_on_its_backpressure_window_unless_the_chain_widens_it():
     """Ranks report a bucket written one bucket late, so buckets_in_flight - 1 travel the
-    relay chain at once: with the default 2, one at a time, and the chain's time grows with
-    its length until the window covers it."""
+    relay chain at once: with the default 2 and no widening (the fleet before session 7),
+    one at a time, and the chain's time grows with its length until the window covers it.
+    The fleet widens the window by the chain's hops - 1: no wait at any window."""
     x = dict(TARGET, transport="object_store", bucket_bytes=1 << 30)
     for gpus in (16, 64, 256):
         nodes = gpus // 8
         took = [
-            estimate(PlanInputs(**{**x, "gpus": gpus, "buckets_in_flight": w})).terms["stream"]
+            estimate(
+                PlanInputs(**{**x, "gpus": gpus, "buckets_in_flight": w, "relay_widened": False})
+            ).terms["stream"]
             for w in range(2, nodes + 4)
         ]
         assert all(a >= b for a, b in itertools.pairwise(took)), took
         assert took[0] > took[-1] and len(set(took[nodes - 1 :])) == 1  # flat from w = nodes + 1
+        widened = estimate(PlanInputs(**{**x, "gpus": gpus})).terms["stream"]
+        assert widened == pytest.approx(took[-1], rel=1e-9)
     # One bucket at a time over 32 hops: about 32 times the model's line time.
-    one = estimate(PlanInputs(**x))
+    one = estimate(PlanInputs(**x, relay_widened=False))
     line = one.bytes["ingress_per_node"] / (400 / 8 * GB) / ASSUMED["object_store"].link_efficiency
     assert one.terms["stream"] == pytest.approx(32 * line, rel=0.01)
 
