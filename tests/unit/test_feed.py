@@ -99,4 +99,3 @@ def test_wait_closed_wakes_a_watcher_when_the_feed_closes():
     assert woken == ["the trainer (driver of job 01000000, pid 1) died"]  # woken at once
     with pytest.raises(StateError, match="the trainer .* died"):
         feed.take(0, 0, -1, timeout=5)
-
