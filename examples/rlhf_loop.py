@@ -35,14 +35,9 @@ import ray
 
 from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import (
-    DecoderLM,
-    assign_parameters,
-    lora_names,
-    param_bytes,
-    preset,
-)
+from fd_ray_sync.engine.model import DecoderLM, assign_parameters
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import lora_names, param_bytes, preset
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.messages import UpdateReport
 

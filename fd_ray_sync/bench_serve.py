@@ -37,8 +37,8 @@ PROMPT = "The trainer "
 
 def paced_engine(model: str, step_s: float, parallel: ParallelConfig, groups: CommGroups):
     """The reference engine, with a device-like wait of `step_s` per token of each call."""
-    from fd_ray_sync.engine.model import preset
     from fd_ray_sync.engine.reference import ReferenceEngine
+    from fd_ray_sync.engine.spec import preset
 
     class PacedEngine(ReferenceEngine):
         def generate(self, prompts, max_new_tokens):
@@ -152,8 +152,8 @@ def run_updates(args) -> list[dict]:
 
 @functools.lru_cache(maxsize=8)
 def _weights(seed: int) -> dict:
-    from fd_ray_sync.engine.model import preset
     from fd_ray_sync.engine.reference import init_full_state_dict
+    from fd_ray_sync.engine.spec import preset
 
     return init_full_state_dict(preset("tiny"), seed=seed)
 

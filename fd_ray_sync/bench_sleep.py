@@ -22,8 +22,8 @@ import time
 import ray
 
 from fd_ray_sync.config import FleetConfig, ParallelConfig
-from fd_ray_sync.engine.model import ModelConfig, param_bytes
 from fd_ray_sync.engine.reference import ReferenceEngine, iter_full_state_dict
+from fd_ray_sync.engine.spec import ModelConfig, param_bytes
 from fd_ray_sync.fleet import Fleet
 
 MiB = 1 << 20

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.version import is_newer

@@ -44,8 +44,8 @@ log = get_logger(__name__)
 
 def reference_engine(model: str, parallel: ParallelConfig, groups: CommGroups):
     """The default engine factory: the reference LM preset `model`, zero-initialized."""
-    from fd_ray_sync.engine.model import preset
     from fd_ray_sync.engine.reference import ReferenceEngine
+    from fd_ray_sync.engine.spec import preset
 
     return ReferenceEngine(preset(model), parallel, groups)
 

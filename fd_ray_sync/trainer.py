@@ -12,14 +12,9 @@ import numpy as np
 import paddle
 
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import (
-    DecoderLM,
-    ModelConfig,
-    assign_parameters,
-    next_token_loss,
-    preset,
-)
+from fd_ray_sync.engine.model import DecoderLM, assign_parameters, next_token_loss
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import ModelConfig, preset
 
 DEMO_TEXT = (
     "The trainer learns and the fleet serves. Every step the new weights travel through "

@@ -16,15 +16,8 @@ from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.engine.model import (
-    DecoderLM,
-    ModelConfig,
-    assign_parameters,
-    full_shapes,
-    quantized_names,
-    set_parameter,
-    shard_plan,
-)
+from fd_ray_sync.engine.model import DecoderLM, assign_parameters, set_parameter
+from fd_ray_sync.engine.spec import ModelConfig, full_shapes, quantized_names, shard_plan
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.sharding import ShardSpec, shard_state_dict, take_shard

@@ -23,7 +23,7 @@ from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.engine.model import ModelConfig, shard_plan
+from fd_ray_sync.engine.spec import ModelConfig, shard_plan
 from fd_ray_sync.engine.torch_model import TINY_DENSE, TorchDecoderLM
 from fd_ray_sync.errors import ConfigError, StateError
 from fd_ray_sync.log import get_logger

@@ -1,6 +1,6 @@
 """The reference LM in torch: the paddle `DecoderLM`'s dense layers, names and layouts.
 
-Parameter names and shapes are those of `fd_ray_sync.engine.model.full_shapes` for a dense
+Parameter names and shapes are those of `fd_ray_sync.engine.spec.full_shapes` for a dense
 config (no MoE), Linear weights included ([in_features, out_features], as paddle lays them
 out), so the paddle model's `shard_plan` cuts this one too, and the same full weights give
 the same greedy text through the byte tokenizer in either framework.
@@ -29,7 +29,8 @@ from torch import nn
 
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
-from fd_ray_sync.engine.model import GroupAllReduce, ModelConfig
+from fd_ray_sync.engine.model import GroupAllReduce
+from fd_ray_sync.engine.spec import ModelConfig
 from fd_ray_sync.errors import ConfigError
 
 TINY_DENSE = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=0)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fd_ray_sync.mapping.rules import Fuse, Rename, Reshape, Table, Transpose, WeightMapping
 
 if TYPE_CHECKING:
-    from fd_ray_sync.engine.model import ModelConfig
+    from fd_ray_sync.engine.spec import ModelConfig
 
 
 def llama_to_reference(config: ModelConfig) -> WeightMapping:

@@ -12,8 +12,8 @@ import ray
 
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import ParallelConfig
-from fd_ray_sync.engine.model import ModelConfig, full_shapes, preset, shard_plan
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import ModelConfig, full_shapes, preset, shard_plan
 from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.sources.snapshot import write_snapshot
 

@@ -13,8 +13,8 @@ from procs import start_driver
 
 from fd_ray_sync import collective
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.shm import pid_alive
@@ -96,7 +96,7 @@ def test_the_chain_runs_through_each_node_once():
 TRAINER = """
 import sys
 import ray
-from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.fleet import Fleet
 

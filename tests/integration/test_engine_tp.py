@@ -10,8 +10,8 @@ from procs import run_ranks
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import StateError
 
 SEED = 11

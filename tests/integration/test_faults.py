@@ -15,8 +15,8 @@ from ray import cloudpickle
 
 from fd_ray_sync.buckets import iter_buckets
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import (
     ChecksumError,
     PartialUpdateError,

@@ -7,8 +7,8 @@ import pytest
 
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import RankFailed, StateError, VersionError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sharding import take_shard

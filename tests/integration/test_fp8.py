@@ -15,8 +15,8 @@ from fleet_checks import close, over, put_in_pieces
 from fd_ray_sync import ipc
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.sources.snapshot import write_snapshot

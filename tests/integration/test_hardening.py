@@ -15,8 +15,8 @@ from fleet_checks import assert_serves
 from procs import start_driver
 
 from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import RankFailed, SnapshotError, VersionError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sources.snapshot import write_snapshot
@@ -162,7 +162,7 @@ TRAINER = textwrap.dedent(
     """
     import sys, threading
     import ray
-    from fd_ray_sync.engine.model import preset
+    from fd_ray_sync.engine.spec import preset
     from fd_ray_sync.engine.reference import init_full_state_dict
     from fd_ray_sync.fleet import Fleet
     from fd_ray_sync.messages import TensorMeta

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sources.snapshot import write_snapshot
 

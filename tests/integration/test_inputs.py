@@ -69,8 +69,8 @@ def test_torch_bfloat16_tensors_streamed(bf16_fleet):
 
 
 def test_torch_float32_and_a_0d_tensor_reach_the_reference_engine(ray_cluster):
-    from fd_ray_sync.engine.model import preset
     from fd_ray_sync.engine.reference import init_full_state_dict
+    from fd_ray_sync.engine.spec import preset
 
     tiny = preset("tiny")
     fleet = Fleet.launch(FleetConfig(name="torch-f32", tp=2, dp=1))

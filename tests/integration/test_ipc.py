@@ -13,8 +13,8 @@ from procs import start_driver
 
 from fd_ray_sync import ipc, shm
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import StateError
 from fd_ray_sync.fleet import Fleet
 
@@ -128,7 +128,7 @@ TRAINER = """
 import sys, threading
 import ray
 from fd_ray_sync import ipc
-from fd_ray_sync.engine.model import preset
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
 from fd_ray_sync.fleet import Fleet
 

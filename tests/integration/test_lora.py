@@ -17,8 +17,8 @@ from fleet_checks import (
 
 from fd_ray_sync import ipc
 from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.engine.model import lora_names, preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import lora_names, preset
 from fd_ray_sync.errors import RankFailed, StateError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.sources.snapshot import write_snapshot

@@ -11,8 +11,8 @@ from procs import run_ranks
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import preset, shard_plan
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset, shard_plan
 from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.sharding import take_shard
 from fd_ray_sync.sources.snapshot import SnapshotSource, write_snapshot

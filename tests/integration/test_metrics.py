@@ -14,8 +14,8 @@ import ray
 
 from fd_ray_sync import metrics
 from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import RankFailed, StateError, WeightMismatchError
 from fd_ray_sync.fleet import Fleet
 

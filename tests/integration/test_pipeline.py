@@ -11,8 +11,8 @@ from test_fleet import expected_fingerprints
 
 from fd_ray_sync.buckets import iter_buckets
 from fd_ray_sync.config import FleetConfig, LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import RankFailed
 from fd_ray_sync.fleet import Fleet
 from fd_ray_sync.messages import TensorMeta

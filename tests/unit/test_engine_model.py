@@ -9,17 +9,16 @@ import pytest
 
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
-from fd_ray_sync.engine.model import (
-    DecoderLM,
+from fd_ray_sync.engine.model import DecoderLM, next_token_loss
+from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import (
     ModelConfig,
     full_shapes,
     lora_names,
-    next_token_loss,
     param_bytes,
     preset,
     shard_plan,
 )
-from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import ConfigError, StateError, WeightMismatchError
 from fd_ray_sync.status import KVCacheStatus
 

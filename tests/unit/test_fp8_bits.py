@@ -13,9 +13,9 @@ from fd_ray_sync import fp8, ipc, shm
 from fd_ray_sync.buckets import iter_buckets, slice_checksums
 from fd_ray_sync.checksum import digest, digests, fingerprint
 from fd_ray_sync.config import ParallelConfig
-from fd_ray_sync.engine.model import (
-    DecoderLM,
-    dense_weight,
+from fd_ray_sync.engine.model import DecoderLM, dense_weight
+from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import (
     full_dtypes,
     full_shapes,
     param_bytes,
@@ -23,7 +23,6 @@ from fd_ray_sync.engine.model import (
     quantized_names,
     shard_plan,
 )
-from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.params import model_parameters, param_dtype, read_param
 from fd_ray_sync.safetensors_io import SafetensorsFile, write_safetensors

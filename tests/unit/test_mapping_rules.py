@@ -5,7 +5,7 @@ import paddle
 import pytest
 import torch
 
-from fd_ray_sync.engine.model import ModelConfig, full_shapes
+from fd_ray_sync.engine.spec import ModelConfig, full_shapes
 from fd_ray_sync.errors import ConfigError, WeightMismatchError
 from fd_ray_sync.mapping import (
     Cast,

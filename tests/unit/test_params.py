@@ -197,7 +197,7 @@ def test_a_paddle_process_never_imports_torch():
 import sys
 import numpy as np
 from fd_ray_sync.config import LoadConfig, ParallelConfig
-from fd_ray_sync.engine.model import ModelConfig
+from fd_ray_sync.engine.spec import ModelConfig
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
 from fd_ray_sync.manager import DynamicWeightManager
 

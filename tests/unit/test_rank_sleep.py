@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fd_ray_sync.config import LoadConfig
-from fd_ray_sync.engine.model import preset
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import preset
 from fd_ray_sync.errors import ConfigError, StateError, VerificationError
 from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.params import is_initialized, read_param

@@ -10,8 +10,8 @@ import torch
 
 from fd_ray_sync.checksum import fingerprint
 from fd_ray_sync.config import LoadConfig, ParallelConfig
-from fd_ray_sync.engine.model import ModelConfig, full_shapes, shard_plan
 from fd_ray_sync.engine.reference import ReferenceEngine, init_full_state_dict
+from fd_ray_sync.engine.spec import ModelConfig, full_shapes, shard_plan
 from fd_ray_sync.engine.torch_engine import TorchEngine, torch_lm_engine
 from fd_ray_sync.engine.torch_model import TINY_DENSE, TorchDecoderLM
 from fd_ray_sync.errors import ConfigError, StateError, WeightMismatchError
