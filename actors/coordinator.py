@@ -28,11 +28,12 @@ import threading
 
 import ray
 
+from actors.feeding import TRAINER_POLL_S, FeedMixin
 from actors.placement import PlacementMixin, rank_actor_name
 from actors.recovery import RecoveryMixin
 from actors.serving import ServingMixin
 from actors.sleep import SleepMixin
-from actors.transaction import TRAINER_POLL_S, TransactionMixin
+from actors.transaction import TransactionMixin
 from actors.weight_manager import EngineFactory
 from fd_ray_sync.config import FEED_THREADS, FleetConfig
 from fd_ray_sync.feed import BucketFeed
@@ -43,7 +44,9 @@ __all__ = ["TRAINER_POLL_S", "CoordinatorActor", "rank_actor_name"]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"status": 1, "feed": FEED_THREADS})
-class CoordinatorActor(SleepMixin, PlacementMixin, RecoveryMixin, TransactionMixin, ServingMixin):
+class CoordinatorActor(
+    SleepMixin, PlacementMixin, RecoveryMixin, FeedMixin, TransactionMixin, ServingMixin
+):
     def __init__(self, config: FleetConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.config = config
