@@ -97,38 +97,19 @@ class ModelConfig(BaseModel):
                 raise ConfigError(f"model {field}={value} is not divisible by {over}={size}")
 
 
+# Small enough for multi-process CPU tests; one dense block and one MoE block.
+_TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=4, moe_every=2)
+
 PRESETS: Mapping[str, ModelConfig] = {
-    # Small enough for multi-process CPU tests; one dense block and one MoE block.
-    "tiny": ModelConfig(
-        d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=4, moe_every=2
-    ),
+    "tiny": ModelConfig(**_TINY),
     # "tiny" with its attention, MLP and expert weights in float8_e4m3fn (+ float32 scales).
-    "tiny_fp8": ModelConfig(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        d_ff=128,
-        max_seq_len=128,
-        n_experts=4,
-        moe_every=2,
-        weight_dtype="float8_e4m3fn",
-    ),
+    "tiny_fp8": ModelConfig(**_TINY, weight_dtype="float8_e4m3fn"),
     # Just over 1 GiB of float32 weights, for transfer benchmarks.
     "large_1g": ModelConfig(
         d_model=2048, n_layers=7, n_heads=16, d_ff=5632, max_seq_len=512, n_experts=0
     ),
     # `tiny` with rank-4 LoRA adapters on every projection that has one (partial updates).
-    "tiny_lora": ModelConfig(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        d_ff=128,
-        max_seq_len=128,
-        n_experts=4,
-        moe_every=2,
-        lora_rank=4,
-        lora_targets=tuple(LORA_PROJECTIONS),
-    ),
+    "tiny_lora": ModelConfig(**_TINY, lora_rank=4, lora_targets=tuple(LORA_PROJECTIONS)),
 }
 
 
