@@ -40,6 +40,7 @@ from fd_ray_sync.errors import ConfigError, StateError, VerificationError
 from fd_ray_sync.messages import GenerationResult
 
 PAUSE_MODES = ("abort", "wait", "keep")
+PEER_GRACE_S = 2.0  # after one rank's error, how long the others may take to say why
 # Reasons a closed gate holds new requests for (they pass once it opens); any other reason
 # turns them away so the router tries another replica.
 HOLDING = frozenset({"update", "pause", "repair"})
@@ -52,6 +53,15 @@ REPLICA_DOWN = (
     StateError,
     VerificationError,
 )
+
+
+def _errors(calls) -> list[BaseException]:
+    return [_cause(c.exception()) for c in calls if not c.cancelled() and c.exception()]
+
+
+def _cause(error: BaseException) -> BaseException:
+    """A rank's own error, out of the RayTaskError that carried it."""
+    return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
 
 
 def front_actor_name(fleet: str, replica: int) -> str:
@@ -159,9 +169,12 @@ class ReplicaFrontActor:
         self.inflight = batch
         self._idle.clear()
         prompts = [p for r in batch for p in r.prompts]
-        refs = [a.generate.remote(prompts, batch[0].max_new_tokens) for a in self.ranks]
+        calls = [
+            asyncio.ensure_future(a.generate.remote(prompts, batch[0].max_new_tokens))
+            for a in self.ranks
+        ]
         try:
-            outs = await asyncio.wait_for(asyncio.gather(*refs), self.timeout_s)
+            outs = await self._answers(calls)
             versions = {o["version"] for o in outs}
             if len(versions) != 1:
                 raise VerificationError(
@@ -169,7 +182,7 @@ class ReplicaFrontActor:
                 )
             error = None
         except Exception as e:  # noqa: BLE001 - sorted below: the replica's or the request's
-            error = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            error = _cause(e)
         finally:
             self._idle.set()
         self.batches += 1
@@ -193,6 +206,26 @@ class ReplicaFrontActor:
             for request in batch:
                 if not request.answer.done():
                     request.answer.set_exception(error)
+
+    async def _answers(self, calls: list[asyncio.Future]) -> list:
+        """Every rank's answer, or the error that says most: a rank that dies mid-call fails
+        its TP peers' collectives too (gloo: "Connection reset by peer"), and a peer's error
+        can come first, so after a first error the others get `PEER_GRACE_S` to tell whether
+        a rank is gone (the replica is down) rather than the request bad."""
+        for call in calls:  # errors of calls left running are read, not warned about
+            call.add_done_callback(lambda c: c.cancelled() or c.exception())
+        done, pending = await asyncio.wait(
+            calls, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
+        errors = _errors(done)
+        if errors and pending:
+            more, pending = await asyncio.wait(pending, timeout=PEER_GRACE_S)
+            errors += _errors(more)
+        if errors:
+            raise next((e for e in errors if isinstance(e, REPLICA_DOWN)), errors[0])
+        if pending:
+            raise asyncio.TimeoutError(f"replica {self.replica}: no answer in {self.timeout_s}s")
+        return [c.result() for c in calls]
 
     def _turn_away(self, extra: list[_Request] = ()) -> None:
         """Answer the queue (and `extra`) with the gate's reasons, to be tried elsewhere."""
