@@ -152,14 +152,15 @@ class Tree:
         return out
 
     def dump_stacks(self) -> None:
+        # One process at a time: dumps written at once interleave on the shared stderr.
         for n, p in self.procs.items():
             if p.is_alive():
                 self.log("asking %s (pid %d) for its stack", n, p.pid)
                 try:
                     os.kill(p.pid, signal.SIGUSR1)
                 except OSError:
-                    pass
-        time.sleep(1.5)
+                    continue
+                time.sleep(0.5)
 
     def kill(self) -> None:
         for p in self.procs.values():
