@@ -2,8 +2,8 @@
 
 One class serves as the trainer's full model (one process, no groups, autograd works) and as
 one rank's shard of it: parameter names are the same in both, only shapes differ, and
-`shard_plan()` says which slice of each full parameter a rank holds. Layouts (paddle Linear
-weights are [in_features, out_features]):
+`shard_plan` (fd_ray_sync.engine.spec) says which slice of each full parameter a rank
+holds. Layouts (paddle Linear weights are [in_features, out_features]):
 
     embed.weight, pos_embed.weight                      replicated
     layers.{i}.ln1.*, ln2.*                             replicated
