@@ -25,7 +25,8 @@ from fd_ray_sync.config import LoadConfig, ParallelConfig
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.errors import PartialUpdateError, StateError, VersionError
 from fd_ray_sync.log import get_logger
-from fd_ray_sync.manager import DynamicWeightManager, PreparedLoad
+from fd_ray_sync.manager import DynamicWeightManager
+from fd_ray_sync.manager_load import PreparedLoad
 from fd_ray_sync.memwatch import AnonPeak, memory_now
 from fd_ray_sync.messages import LoadReport, PrepareReport, TensorMeta
 from fd_ray_sync.params import device_memory, param_dtype, param_shape, read_param
