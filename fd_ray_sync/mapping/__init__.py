@@ -1,8 +1,9 @@
 """Name and layout mapping: what the trainer holds -> what the engine holds.
 
 - `rules`: the mapping itself, as data (`WeightMapping` of `Rename`, `Table`, `Fuse`,
-  `Split` rules with `Reshape`, `Transpose`, `Cast` ops), its checks and its lazy
-  application (`MappedState`, `CheckedMappings`); its docstring shows the rules.
+  `Split` rules), its checks and its lazy application (`MappedState`, `CheckedMappings`);
+  its docstring shows the rules.
+- `ops`: the layout operations a rule applies (`Reshape`, `Transpose`, `Cast`).
 - `llama`: a ready mapping, Hugging Face Llama / Mixtral -> the reference engine
   (`llama_to_reference`).
 
@@ -10,21 +11,17 @@ Everything is importable from here, `from fd_ray_sync.mapping import llama_to_re
 """
 
 from fd_ray_sync.mapping.llama import llama_to_reference
+from fd_ray_sync.mapping.ops import Cast, Op, Reshape, Transpose, cast
 from fd_ray_sync.mapping.rules import (
-    Cast,
     CheckedMappings,
     Fuse,
     Manifest,
     MappedState,
-    Op,
     Rename,
-    Reshape,
     Rule,
     Split,
     Table,
-    Transpose,
     WeightMapping,
-    cast,
     manifest_of,
 )
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fd_ray_sync.mapping.rules import Fuse, Rename, Reshape, Table, Transpose, WeightMapping
+from fd_ray_sync.mapping.ops import Reshape, Transpose
+from fd_ray_sync.mapping.rules import Fuse, Rename, Table, WeightMapping
 
 if TYPE_CHECKING:
     from fd_ray_sync.engine.spec import ModelConfig

@@ -25,117 +25,21 @@ numpy has no bfloat16 and the update path reads dtypes from tensors.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fd_ray_sync.errors import ConfigError, WeightMismatchError
-from fd_ray_sync.tensors import shape_and_dtype, storage_dtype, to_host
+from fd_ray_sync.mapping.ops import Op, ops_shape, run_ops
+from fd_ray_sync.tensors import shape_and_dtype, to_host
 
 Manifest = Mapping[str, tuple[tuple[int, ...], str]]
 """Name -> (full shape, dtype string)."""
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
-
-# --- layout operations ----------------------------------------------------------------------
-
-
-class Reshape(BaseModel):
-    """numpy reshape; one entry may be -1."""
-
-    model_config = _FROZEN
-    op: Literal["reshape"] = "reshape"
-    shape: tuple[int, ...]
-
-    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        size, known = math.prod(shape), [d for d in self.shape if d != -1]
-        if self.shape.count(-1) > 1 or any(d < -1 for d in self.shape):
-            raise ValueError(f"bad reshape {self.shape}")
-        if self.shape.count(-1) == 1:
-            if not math.prod(known) or size % math.prod(known):
-                raise ValueError(f"cannot reshape {shape} to {self.shape}")
-            return tuple(size // math.prod(known) if d == -1 else d for d in self.shape)
-        if math.prod(self.shape) != size:
-            raise ValueError(f"cannot reshape {shape} to {self.shape}")
-        return self.shape
-
-    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-        return array.reshape(self.shape), dtype
-
-
-class Transpose(BaseModel):
-    """numpy transpose by `axes` (a view; copied when packed)."""
-
-    model_config = _FROZEN
-    op: Literal["transpose"] = "transpose"
-    axes: tuple[int, ...]
-
-    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if sorted(self.axes) != list(range(len(shape))):
-            raise ValueError(f"axes {self.axes} do not permute a {len(shape)}-d shape {shape}")
-        return tuple(shape[a] for a in self.axes)
-
-    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-        return array.transpose(self.axes), dtype
-
-
-class Cast(BaseModel):
-    """Convert to `dtype` (a dtype string of `fd_ray_sync.tensors`; bfloat16 rounds to
-    nearest even)."""
-
-    model_config = _FROZEN
-    op: Literal["cast"] = "cast"
-    dtype: str
-
-    @field_validator("dtype")
-    @classmethod
-    def _known(cls, dtype: str) -> str:
-        storage_dtype(dtype)
-        return dtype
-
-    def run(self, array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-        return cast(array, dtype, self.dtype), self.dtype
-
-
-Op = Annotated[Reshape | Transpose | Cast, Field(discriminator="op")]
-
-
-def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Storage array of dtype `src` -> storage array of dtype `dst`."""
-    if src == dst:
-        return array
-    if src == "bfloat16":
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-        return array if dst == "float32" else array.astype(storage_dtype(dst))
-    if dst == "bfloat16":
-        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-        out = rounded.astype(np.uint16)
-        nan = np.isnan(bits.view(np.float32))
-        if nan.any():
-            out[nan] = 0x7FC0  # rounding could carry a NaN's payload into infinity
-        return out
-    return array.astype(storage_dtype(dst))
-
-
-def _run_ops(ops: Sequence[Op], array: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
-    for op in ops:
-        array, dtype = op.run(array, dtype)
-    return array, dtype
-
-
-def _ops_shape(ops: Sequence[Op], shape: tuple[int, ...], dtype: str) -> tuple[tuple, str]:
-    for op in ops:
-        if isinstance(op, Cast):
-            dtype = op.dtype
-        else:
-            shape = op.shape_of(shape)
-    return shape, dtype
-
 
 # --- rules ----------------------------------------------------------------------------------
 
@@ -167,10 +71,10 @@ class Rename(BaseModel):
         return steps, []
 
     def shapes(self, shapes: list[tuple], dtypes: list[str]) -> list[tuple[tuple, str]]:
-        return [_ops_shape(self.ops, shapes[0], dtypes[0])]
+        return [ops_shape(self.ops, shapes[0], dtypes[0])]
 
     def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
-        return [_run_ops(self.ops, *arrays[0])]
+        return [run_ops(self.ops, *arrays[0])]
 
 
 class Table(BaseModel):
@@ -241,11 +145,11 @@ class Fuse(BaseModel):
                 raise ValueError(f"cannot concatenate shapes {shapes} along axis {self.axis}")
             joined = list(first)
             joined[self.axis] = sum(s[self.axis] for s in shapes)
-        return [_ops_shape(self.ops, tuple(joined), dtypes[0])]
+        return [ops_shape(self.ops, tuple(joined), dtypes[0])]
 
     def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
         join = np.stack if self.stack else np.concatenate
-        return [_run_ops(self.ops, join([a for a, _ in arrays], axis=self.axis), arrays[0][1])]
+        return [run_ops(self.ops, join([a for a, _ in arrays], axis=self.axis), arrays[0][1])]
 
 
 class Split(BaseModel):
@@ -279,7 +183,7 @@ class Split(BaseModel):
         return (length // len(self.targets),) * len(self.targets)
 
     def shapes(self, shapes: list[tuple], dtypes: list[str]) -> list[tuple[tuple, str]]:
-        shape, dtype = _ops_shape(self.ops, shapes[0], dtypes[0])
+        shape, dtype = ops_shape(self.ops, shapes[0], dtypes[0])
         if not 0 <= self.axis < len(shape):
             raise ValueError(f"axis {self.axis} out of range for {shape}")
         return [
@@ -288,7 +192,7 @@ class Split(BaseModel):
         ]
 
     def run(self, arrays: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
-        array, dtype = _run_ops(self.ops, *arrays[0])
+        array, dtype = run_ops(self.ops, *arrays[0])
         cuts = np.cumsum(self._sizes(array.shape[self.axis]))[:-1]
         return [(part, dtype) for part in np.split(array, cuts, axis=self.axis)]
 
