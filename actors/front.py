@@ -82,7 +82,10 @@ class _Request:
     started: bool = field(default=False)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)
+# Not restarted by Ray: a restart waits forever once the replica's placement group is gone
+# (the front is detached, and would outlive a driver that died). A dead front is replaced
+# by the coordinator when a client finds it gone (`replace_front`).
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)
 class ReplicaFrontActor:
     def __init__(
         self, fleet: str, replica: int, max_batch: int, timeout_s: float, coordinator=None

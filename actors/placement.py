@@ -53,7 +53,7 @@ class PlacementMixin:
             use_gpu = self.pgs[0].bundle_specs[0].get("GPU", 0) > 0
             self.config = self.config.model_copy(update={"use_gpu": use_gpu})
         self.ranks = [self._find_rank(rank) for rank in range(self.world)]
-        self._fronts = [self._create_front(replica) for replica in range(len(pgs))]
+        self._fronts = [self._find_front(replica) for replica in range(len(pgs))]
         states = []
         for rank in range(self.world):
             try:
@@ -182,15 +182,23 @@ class PlacementMixin:
         except ValueError:
             return self._create_rank(rank, bool(self.config.use_gpu))
 
+    def _find_front(self, replica: int):
+        """After a restart: the replica's front, which served on meanwhile (or a new one)."""
+        try:
+            return ray.get_actor(front_actor_name(self.config.name, replica), self.config.namespace)
+        except ValueError:
+            return self._create_front(replica)
+
     def _create_front(self, replica: int, attempts: int = 50):
         """The replica's front (actors/front.py): closed until `_sync_fronts` says it
-        serves. Owned by this coordinator, so it ends with it (and with the driver's job);
-        a restarted coordinator creates the fronts anew (the old ones' names free up as
-        they die). In the replica's placement group, taking none of its resources."""
+        serves. Detached like the ranks, so requests go on being served while this
+        coordinator restarts (a restarted one adopts the fronts by name); it still ends with
+        the replica's placement group, so with the driver's job unless the fleet is
+        detached. In that group, taking none of its resources."""
         for _ in range(attempts):
             try:
                 return self._front_actor(replica)
-            except ValueError:  # the name is still the dead coordinator's front's
+            except ValueError:  # the name is still a removed replica's front's, dying
                 time.sleep(0.1)
         return self._front_actor(replica)
 
@@ -199,6 +207,7 @@ class PlacementMixin:
         return ReplicaFrontActor.options(
             name=front_actor_name(cfg.name, replica),
             namespace=cfg.namespace,
+            lifetime="detached",
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pgs[replica], 0),
         ).remote(
             cfg.name,

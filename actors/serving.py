@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.front import check_pause_mode
+from actors.front import ACTOR_GONE, check_pause_mode
 
 
 class ServingMixin:
@@ -57,12 +57,12 @@ class ServingMixin:
         lift the `reopen` reasons. Waits for every front to take it: a caller that returns
         next has its fronts open (or closed) as it said."""
         replicas = range(self.config.dp) if replicas is None else replicas
-        refs = []
-        for replica in replicas:
-            handles = [self.ranks[r] for r in self._replica_ranks(replica)]
-            front = self._fronts[replica]
-            refs.append(front.set_state.remote(handles, self._front_down(replica), reopen))
-        self._wait_fronts(refs)
+        self._wait_fronts([self._tell(self._fronts[r], r, reopen) for r in replicas])
+
+    def _tell(self, front, replica: int, reopen: tuple[str, ...] = ()):
+        """`front.set_state` for `replica`: its ranks and whether it serves."""
+        handles = [self.ranks[r] for r in self._replica_ranks(replica)]
+        return front.set_state.remote(handles, self._front_down(replica), reopen)
 
     def _close_gates(self, reason: str, why: str, mode: str, replicas=None) -> None:
         """Close the fronts of `replicas` (default all) for `reason`; returns once no batch
@@ -85,6 +85,27 @@ class ServingMixin:
         """A front created anew (after a crash) asks for its state."""
         if replica < len(self._fronts) and self.ranks:
             self._sync_fronts([replica], reopen=("update",) if not self._updating else ())
+
+    def replace_front(self, replica: int) -> None:
+        """A client found `replica`'s front gone (its process died; Ray does not restart
+        fronts): start a new one there and tell it its state. Nothing when the front still
+        answers (another client asked first) or the replica was scaled away."""
+        if replica >= len(self._fronts):
+            return
+        try:
+            ray.get(self._fronts[replica].__ray_ready__.remote(), timeout=10)
+            return
+        except ACTOR_GONE:
+            pass
+        except ray.exceptions.GetTimeoutError:
+            return  # alive but busy: its name is still taken
+        self.log.warning("replica %d's front is gone: starting a new one", replica)
+        front = self._create_front(replica)
+        self._wait_fronts([self._tell(front, replica)])
+        if self._paused:
+            why = f"paused ({self._paused})"
+            self._wait_fronts([front.close.remote("pause", why, self._paused)])
+        self._fronts[replica] = front  # clients find it once it knows its state
 
     def repair(self, replica: int, why: str) -> None:
         """A front lost a rank while serving: rebuild its replica if a rank is lost, then

@@ -5,6 +5,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -130,6 +131,52 @@ def test_a_restarted_coordinator_rebuilds_its_state_from_the_ranks(fleet):
         fleet.update(state, version=5)
 
 
+def test_requests_are_served_while_the_coordinator_restarts(fleet):
+    """The fronts and ranks outlive a coordinator crash: a client keeps being served, by
+    the same fronts and from the committed version, while the coordinator restarts and
+    adopts them (the coordinator is not on the request path)."""
+    state = init_full_state_dict(TINY, seed=9)
+    fleet.update(state, version="6.5")  # between its neighbours' versions
+    engine = ReferenceEngine(TINY)
+    engine.load_full_state_dict(state)
+    want = engine.generate(["x"], 4)[0]
+    fronts = [f._actor_id for f in ray.get(fleet.coordinator.fronts.remote())]
+    served, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                served.append((time.monotonic(), fleet.generate(["x"], 4)[0]))
+            except Exception as e:  # noqa: BLE001 - every error is a finding here
+                errors.append(e)
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        killed = time.monotonic()
+        ray.kill(fleet.coordinator, no_restart=False)
+        deadline = killed + 60
+        while True:
+            try:
+                fleet.status()
+                break
+            except ray.exceptions.RayActorError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        back = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert errors == []
+    assert any(killed < t < back for t, _ in served), "nothing served while it restarted"
+    assert {(r.version, r.text) for _, r in served} == {("6.5", want)}
+    assert [f._actor_id for f in ray.get(fleet.coordinator.fronts.remote())] == fronts
+    assert_serves(fleet, state, "6.5")
+
+
 @pytest.mark.parametrize(
     "per_slice,pipelined",
     [(False, False), (True, False), (True, True)],
@@ -218,6 +265,7 @@ def test_a_fleet_shut_down_leaves_nothing_in_the_store(ray_cluster):
         while object_store_bytes_used() < kept and time.monotonic() < deadline:
             time.sleep(0.1)
         assert object_store_bytes_used() >= kept
+        fleet.generate(["x"], 4)  # its router now knows the fronts
         fleet.shutdown()
         deadline = time.monotonic() + 10
         while object_store_bytes_used() > before and time.monotonic() < deadline:
@@ -225,6 +273,12 @@ def test_a_fleet_shut_down_leaves_nothing_in_the_store(ray_cluster):
         assert object_store_bytes_used() <= before
     finally:
         gc.enable()
+    # A request to the fleet shut down is refused at once, not after the request timeout
+    # a restarting coordinator would be given (phase_timeout_s, 120 s here).
+    started = time.monotonic()
+    with pytest.raises(StateError, match="coordinator is gone"):
+        fleet.generate(["x"], 4)
+    assert time.monotonic() - started < 30
 
 
 def test_without_a_kept_copy_the_store_empties_and_a_lost_replica_stays_down(ray_cluster):

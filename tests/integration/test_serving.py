@@ -153,6 +153,19 @@ def test_a_replica_that_lost_a_rank_is_skipped_and_repaired(fleet):
     assert fleet.generate(["x"], 4, replica=1)[0].version == version
 
 
+def test_a_front_that_died_is_replaced_and_its_replica_serves_again(fleet):
+    """Ray does not restart a front (it is detached: a restart would wait forever once its
+    placement group is gone); the first client to find it gone has the coordinator start
+    a new one, told its replica's state."""
+    version = fleet.status()["version"]
+    old = ray.get(fleet.coordinator.fronts.remote())[1]
+    ray.kill(old)
+    assert fleet.generate(["x"], 4, replica=1)[0].version == version
+    new = ray.get(fleet.coordinator.fronts.remote())[1]
+    assert new._actor_id != old._actor_id
+    assert {g["replica"]: g["closed"] for g in fleet.status()["gates"]} == {0: {}, 1: {}}
+
+
 def test_bad_requests_are_refused_by_name(fleet):
     with pytest.raises(ConfigError, match="max_new_tokens"):
         fleet.generate(["x"], 0)
