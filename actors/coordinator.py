@@ -63,7 +63,6 @@ class CoordinatorActor(
         self._cleared = False
         self._fronts: list = []  # replica -> its ReplicaFrontActor (actors/front.py)
         self._paused: str | None = None  # a user's pause mode, until resume_serving
-        self._updating = False  # a transaction holds the fronts closed ("update")
         self._behind: set[int] = set()  # rolling: replicas still on the previous version
         self._nodes: dict[int, str] = {}  # rank -> the node it runs on
         self._pids: dict[int, int] = {}  # rank -> the process set up (a restart changes it)

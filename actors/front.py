@@ -101,8 +101,6 @@ class ReplicaFrontActor:
         self._work: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        if coordinator is not None:  # created anew after a crash: ask for the state
-            coordinator.sync_front.remote(replica)
 
     def _start(self) -> None:
         if self._task is None:

@@ -80,12 +80,6 @@ class ServingMixin:
             except Exception as e:  # noqa: BLE001 - a front restarts and asks for its state
                 self.log.warning("a front did not take its state: %s", e)
 
-    @ray.method(concurrency_group="status")
-    def sync_front(self, replica: int) -> None:
-        """A front created anew (after a crash) asks for its state."""
-        if replica < len(self._fronts) and self.ranks:
-            self._sync_fronts([replica], reopen=("update",) if not self._updating else ())
-
     def replace_front(self, replica: int) -> None:
         """A client found `replica`'s front gone (its process died; Ray does not restart
         fronts): start a new one there and tell it its state. Nothing when the front still

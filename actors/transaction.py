@@ -182,7 +182,6 @@ class TransactionMixin:
         try:
             # 3. pause: close every replica's gate, its requests drained as the pause mode
             # says (actors/front.py), then the ranks drop requests and caches.
-            self._updating = True
             gated = time.perf_counter()
             why = f"updating to version {loaded}"
             self._close_gates("update", why, self.config.pause_mode, first)
@@ -256,7 +255,6 @@ class TransactionMixin:
             self._ok[replica] = True
             self._down.pop(replica, None)
         self._cleared = False
-        self._updating = False
         self._sync_fronts(first, reopen=("update",))
         for replica in first:
             metrics.committed_version(self.config.name, replica, loaded)
@@ -397,5 +395,4 @@ class TransactionMixin:
                     self._rebuild_replica(replica)
                 except Exception as e2:  # noqa: BLE001
                     self._replica_down(replica, e2)
-        self._updating = False
         self._sync_fronts(reopen=("update",))
