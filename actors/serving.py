@@ -77,7 +77,7 @@ class ServingMixin:
         for ref in ready:
             try:
                 ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a front restarts and asks for its state
+            except Exception as e:  # noqa: BLE001 - a dead front is replaced on a client's miss
                 self.log.warning("a front did not take its state: %s", e)
 
     def replace_front(self, replica: int) -> None:
