@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .plan import TP, GiB, bucket_view, equal_bits, flat_layout, max_or_none
+from .plan import TP, GiB, bucket_view, equal_bits, flat_layout, max_or_none, wide_pair
 from .proc import ProcBase
 
 
@@ -65,17 +65,17 @@ class FloorProc(ProcBase):
             self.log("floor %d: one copy of %.2f GiB in %.4f s", u, flat / GiB, times[-1])
         out["floor"] = {"times_s": times, "ok": ok, "trainer_extra_mib": max_or_none(peaks)}
 
-        def sliced():
-            for i, s in enumerate(self.specs):
-                full = bucket_view(src, offsets[i], s.shape)
-                for r in range(TP):
-                    o = offsets[i] + (r * s.nbytes // TP if s.split != "rep" else 0)
-                    bucket_view(dst, o, s.rank_shape()).copy_(s.rank_slice(full, r))
-
+        pairs = []  # every rank's slices, in one process: registered's copies without IPC
+        for i, s in enumerate(self.specs):
+            full = bucket_view(src, offsets[i], s.shape)
+            for r in range(TP):
+                o = offsets[i] + (r * s.nbytes // TP if s.split != "rep" else 0)
+                pairs.append(wide_pair(bucket_view(dst, o, s.rank_shape()), s.rank_slice(full, r)))
+        self.prepare_pairs(("floor_sliced", 0, 0), pairs)
         times, ok = [], True
         for u in range(updates):
             src.random_(0, 256)
-            times.append(self._timed(sliced))
+            times.append(self._timed(self.launch, ("floor_sliced", 0, 0), pairs))
             self.log(
                 "floor_sliced %d: %d slice copies in one process in %.4f s",
                 u,

@@ -58,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--step-timeout-s", type=float, default=180.0, help="limit of setup and of each method"
     )
+    p.add_argument(
+        "--copies",
+        choices=("graph", "batched", "eager"),
+        default=None,
+        help="how a bucket's copies are launched on cuda: one CUDA graph of one batched-copy "
+        "kernel (default where cuda.bindings imports; the kernel is compiled with NVRTC), one "
+        "CUDA graph of torch copies, or each copy from Python",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--inject-fault",
@@ -73,6 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = a.device == "cuda"
     a.gib = a.gib if a.gib is not None else (16.0 if cuda else 0.05)
     a.bucket_mib = a.bucket_mib if a.bucket_mib is not None else (512.0 if cuda else 2.0)
+    a.copies_note = None
+    if not cuda:
+        a.copies = "eager"
+    elif a.copies is None:
+        a.copies = "batched"
+        try:
+            from cuda.bindings import driver, nvrtc  # noqa: F401
+        except ImportError as e:
+            a.copies = "graph"
+            a.copies_note = f"--copies graph: the batched kernel needs cuda.bindings ({e})"
     known = CUDA_METHODS if cuda else CPU_METHODS
     a.methods = [m.strip() for m in a.methods.split(",")] if a.methods else list(known)
     unknown = [m for m in a.methods if m not in known]
@@ -121,6 +139,7 @@ def main(argv=None) -> int:
         "host_buckets": args.host_buckets,
         "timeout_s": args.timeout_s,
         "seed": args.seed,
+        "copies": args.copies,
         "faults": args.faults,
         "t_start": t_start,
     }
@@ -144,6 +163,7 @@ def main(argv=None) -> int:
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "dev_shm_free_mib": _shm_free_mib(),
             "cpus": os.cpu_count(),
+            "mps": _mps_running(),
         },
         "setup": {},
         "methods": {},
@@ -151,11 +171,14 @@ def main(argv=None) -> int:
             "rank and trainer +MiB: torch.cuda.max_memory_allocated() over the transfer minus what "
             "the process held before (peaks reset after setup); memory opened through CUDA IPC is "
             "not counted by the opener's allocator",
-            "ratio: floor seconds / method seconds (host: pinned H2D seconds for the same bytes / "
-            "method seconds), best of the timed updates",
+            "bytes: what all ranks receive in an update (every rank's slices); ratio: floor "
+            "seconds / method seconds (host: pinned H2D seconds for those bytes, which all cross "
+            "host to device / method seconds), best of the timed updates",
         ],
         "errors": {},
     }
+    if args.copies_note:
+        report["notes"].append(args.copies_note)
     if args.device == "cpu":
         report["notes"].append(
             "cpu run: shared memory instead of CUDA IPC; timings are only printed, "
@@ -257,6 +280,24 @@ def _guarded(log, report: dict, name: str, fn, *args):
         report["methods"][name] = {"error": "summary failed: " + tb.strip().splitlines()[-1]}
         report["errors"][f"{name} summary"] = tb
         return None
+
+
+def _mps_running() -> bool:
+    """Whether an NVIDIA MPS daemon runs (CUDA processes then share the GPU's context, so the
+    trainer's and the ranks' kernels run side by side instead of taking turns). Its control
+    pipe outlives ``quit``, so the process table is asked, not the pipe."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("nvidia-cuda-mps"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _shm_free_mib() -> float | None:

@@ -115,8 +115,12 @@ class ProcBase:
         self.host_disabled: str | None = None
         self.events_error: str | None = None
         # (kind, bucket, slot) -> [(destination, source)]: views built once, so that an
-        # update only launches copies
+        # update only launches copies; on CUDA each list is also captured once as a CUDA graph
         self._pairs: dict[tuple[str, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.copies = cfg.get("copies", "graph") if self.cuda else "eager"
+        self.graphs = self.copies != "eager"
+        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+        self._batched: dict = {}  # key -> BatchedCopy (its tile table), alive with its graph
 
     def log(self, msg: str, *args) -> None:
         text = msg % args if args else msg
@@ -175,6 +179,58 @@ class ProcBase:
             return None
         return (torch.cuda.max_memory_allocated() - base) / MiB
 
+    def forget_copies(self) -> None:
+        """Drop the views and graphs built from tensors (after a reallocation or registration)."""
+        self._pairs.clear()
+        self._graphs.clear()
+        self._batched.clear()
+
+    def launch(self, key: tuple[str, int, int], pairs) -> None:
+        """Launch the copies ``pairs`` (destination, source): on CUDA as one CUDA graph, captured
+        the first time ``key`` is launched or prepared, so that an update costs one launch per
+        bucket instead of one per tensor (the Python launch of ~1,800 copies took longer than
+        the copies: 13 ms against 8 ms for one copy of all the bytes, H200). A graph holds the
+        pointers it was captured with: ``forget_copies`` whenever a tensor moves."""
+        if not self.graphs or key[0] == "host":  # host: PCIe-bound, and copies stage strided
+            for dst, src in pairs:  # sources on the device first (temporaries)
+                dst.copy_(src, non_blocking=True)
+            return
+        self._graph(key, pairs).replay()
+
+    def _graph(self, key, pairs) -> torch.cuda.CUDAGraph:
+        g = self._graphs.get(key)
+        if g is None:
+            if not self._graphs:  # load the copy kernels outside any capture
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=True)
+                self.sync()
+            batch = None
+            if self.copies == "batched":  # one kernel for the whole bucket (batched.py)
+                from .batched import BatchedCopy
+
+                batch = self._batched[key] = BatchedCopy(pairs, self.dev)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                if batch is not None:
+                    batch.launch()
+                else:
+                    for dst, src in pairs:
+                        dst.copy_(src, non_blocking=True)
+            self._graphs[key] = g
+        return g
+
+    def prepare(self, keys) -> None:
+        """Capture the graphs of ``keys`` (kind, bucket, slot) before an update is timed."""
+        for key in keys:
+            self.prepare_pairs(key, self._copies(*key))
+
+    def prepare_pairs(self, key, pairs) -> None:
+        if self.graphs and key[0] != "host":
+            self._graph(key, pairs)
+
+    def _copies(self, kind: str, j: int, s: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
     def set_host_plan(self, host_bucket_bytes: int) -> None:
         sizes = [2 * math.prod(part_shape(self.specs[i], p)) for i, p in self.parts]
         self.host_plan = plan_buckets(sizes, host_bucket_bytes)
@@ -182,6 +238,7 @@ class ProcBase:
     def handle(self, cmd: str) -> dict:
         if cmd == "floor":
             out = self.floor()
+            self.forget_copies()  # its graph points into the floor's buffers, freed now
             if self.cuda:  # give the floor's buffers back before the ranks allocate
                 torch.cuda.empty_cache()
                 getattr(torch._C, "_host_emptyCache", lambda: None)()

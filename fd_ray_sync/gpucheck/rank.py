@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .plan import MiB, bucket_view, combined_checksum, equal_bits
+from .plan import MiB, bucket_view, combined_checksum, equal_bits, wide_pair
 from .proc import Ctl, ProcBase, StaleRegistrationError, host_register, host_unregister
 
 
@@ -87,6 +87,12 @@ class Rank(ProcBase):
         total = updates + (2 if method == "registered" else 0)
         events = self.cuda and method == "ring"
         r = self.rank
+        if method in ("ring", "ring_hostsync"):
+            self.prepare(
+                ("ring", j, s) for j in range(len(self.ring_plan)) for s in range(self.ring_slots)
+            )
+        elif method == "registered":
+            self.prepare([("registered", 0, 0)])
         records = []
         for u in range(total):
             phase = "timed" if u < updates else ("refusal" if u == updates else "confirm")
@@ -108,8 +114,7 @@ class Rank(ProcBase):
                 elif method == "host":
                     self._consume_host(u)
                 else:  # registered: straight from the trainer's tensors, no bucket
-                    for dst, src in self._copies("registered", 0, 0):
-                        dst.copy_(src, non_blocking=True)
+                    self.launch(("registered", 0, 0), self._copies("registered", 0, 0))
             self.sync()
             self.ctl.set(self.ctl.rank("T1", r), time.monotonic_ns())
             self.ctl.set(self.ctl.rank("DONE", r), u + 1)
@@ -129,7 +134,7 @@ class Rank(ProcBase):
                     self.tviews[i] = t
                     p, shape = entries[i]
                     self.registered[i] = (p, tuple(shape))
-                self._pairs.clear()
+                self.forget_copies()
                 self.log("re-registered tensor(s) %s", sorted(tensors))
                 continue
             kind, got_u, table = msg
@@ -170,8 +175,7 @@ class Rank(ProcBase):
             self._take_slot(s, g, "ring")
             if events:
                 torch.cuda.current_stream().wait_event(self.ready_ev[s])
-            for dst, src in self._copies("ring", j, s):
-                dst.copy_(src, non_blocking=True)  # strided 2-D for column splits
+            self.launch(("ring", j, s), self._copies("ring", j, s))  # strided 2-D for columns
             if events:
                 self.rel_ev[s].record()
             else:
@@ -184,13 +188,13 @@ class Rank(ProcBase):
             g = u * nb + j
             s = g % slots
             self._take_slot(s, g, "host")
-            for dst, src in self._copies("host", j, s):
-                dst.copy_(src, non_blocking=True)
+            self.launch(("host", j, s), self._copies("host", j, s))
             self.sync()  # the host bucket may be refilled once RELEASED is set
             self.ctl.set(Ctl.released(r, s), g + 1)
 
     def _copies(self, kind: str, j: int, s: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(param, source view) for bucket j in slot s, or for the trainer's own tensors."""
+        """(param, source view) for bucket j in slot s, or for the trainer's own tensors; a
+        strided column slice is viewed as wider integers (``wide_pair``)."""
         key = (kind, j, s)
         if key not in self._pairs:
             r, specs = self.rank, self.specs
@@ -214,7 +218,7 @@ class Rank(ProcBase):
                 pairs = [
                     (p, sp.rank_slice(t, r)) for p, sp, t in zip(self.params, specs, self.tviews)
                 ]
-            self._pairs[key] = pairs
+            self._pairs[key] = [wide_pair(dst, src) for dst, src in pairs]
         return self._pairs[key]
 
     def _verify(self) -> dict:

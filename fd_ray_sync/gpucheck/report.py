@@ -22,8 +22,8 @@ def _row(times: list[float], nbytes: int) -> dict:
 def summarize_method(method: str, out: dict, report: dict) -> dict:
     trainer, ranks = out["trainer"]["updates"], [out[n]["updates"] for n in NAMES[1:]]
     timed = [rec for rec in trainer if rec["phase"] == "timed"]
-    rank_bytes = report["setup"]["rank_bytes"]
-    row = _row([rec["time_s"] for rec in timed], rank_bytes)
+    received = TP * report["setup"]["rank_bytes"]  # every rank's slices: all of them move
+    row = _row([rec["time_s"] for rec in timed], received)
     checked = [rec for recs in ranks for rec in recs if rec["phase"] != "refusal"]
     row["bit_identical"] = all(rec.get("ok") for rec in checked)
     row["mismatches"] = sorted({b for rec in checked for b in rec.get("bad", [])})[:5]
@@ -37,12 +37,12 @@ def summarize_method(method: str, out: dict, report: dict) -> dict:
         h2d = report["methods"].get("h2d_pinned", {})
         if h2d.get("gbps"):
             ref_s, row["ratio_to"] = (
-                rank_bytes / (h2d["gbps"] * 1e9),
+                received / (h2d["gbps"] * 1e9),
                 "pinned H2D of the same bytes",
             )
         elif floor.get("gbps"):
             ref_s, row["ratio_to"] = (
-                rank_bytes / (floor["gbps"] * 1e9),
+                received / (floor["gbps"] * 1e9),
                 "floor copy of the same bytes (cpu)",
             )
         else:
@@ -65,6 +65,13 @@ def summarize_method(method: str, out: dict, report: dict) -> dict:
             and all(rec.get("ok") for rec in confirm),
         }
     return row
+
+
+COPIES = {
+    "graph": "one CUDA graph of torch copies per bucket",
+    "batched": "one CUDA graph of one batched-copy kernel per bucket",
+    "eager": "each copy launched from Python (--copies eager)",
+}
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -118,6 +125,13 @@ def print_table(report: dict) -> None:
                 if "host_bucket_h2d_gbps" in st
                 else ""
             )
+        )
+    cfg, env = report["config"], report["env"]
+    if cfg["device"] == "cuda":
+        print(
+            f"copies: {COPIES.get(cfg.get('copies'), cfg.get('copies'))}; "
+            f"MPS daemon: {'yes' if env.get('mps') else 'no'}; "
+            f"device: {(env.get('device') or {}).get('name', '?')}"
         )
     ref = report.get("refusal")
     if ref:

@@ -194,6 +194,10 @@ class Trainer(FloorProc):
         updates = self.cfg["updates"]
         total = updates + (2 if method == "registered" else 0)
         events = self.cuda and method == "ring"
+        if method in ("ring", "ring_hostsync"):
+            self.prepare(
+                ("ring", j, s) for j in range(len(self.ring_plan)) for s in range(self.ring_slots)
+            )
         records = []
         for u in range(total):
             phase = "timed" if u < updates else ("refusal" if u == updates else "confirm")
@@ -265,8 +269,7 @@ class Trainer(FloorProc):
                 if events:
                     for r in range(TP):
                         torch.cuda.current_stream().wait_event(self.rel_ev[r][s])
-            for dst, src in self._copies(kind, j, s):
-                dst.copy_(src, non_blocking=True)  # host: a strided source goes contiguous first
+            self.launch((kind, j, s), self._copies(kind, j, s))
             if events:
                 self.ready_ev[s].record()
             else:
@@ -301,7 +304,7 @@ class Trainer(FloorProc):
         self.model[i] = self._shared(old.clone())
         self.retired.append(old)
         self.moved = [i]
-        self._pairs.clear()
+        self.forget_copies()
         self.log("self-test: reallocated %s (#%d) without re-registering it", self.specs[i].name, i)
 
     def _reregister(self) -> None:

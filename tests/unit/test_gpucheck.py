@@ -15,7 +15,10 @@ from fd_ray_sync.gpucheck import plan as gc
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
-MODULES = ("plan", "proc", "floor", "trainer", "rank", "tree", "report", "parent", "__main__")
+MODULES = (
+    *("plan", "proc", "floor", "trainer", "rank", "tree", "report", "parent", "batched"),
+    "__main__",
+)
 
 
 def test_the_synthetic_model_is_900_tensors_of_about_the_asked_size_split_evenly():
@@ -76,6 +79,59 @@ def run_check(tmp_path, args, timeout):
 
 def explain(proc):
     return f"rc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_a_strided_slice_is_copied_as_wider_integers_with_the_same_bits():
+    full = torch.arange(8 * 24, dtype=torch.int16).view(torch.bfloat16).view(8, 24)
+    for cols, want in ((slice(12, 24), torch.int64), (slice(6, 12), torch.int32)):
+        dst = torch.zeros(8, cols.stop - cols.start, dtype=torch.bfloat16)
+        d, s = gc.wide_pair(dst, full[:, cols])
+        assert d.dtype == s.dtype == want
+        d.copy_(s)
+        assert torch.equal(dst.view(torch.int16), full[:, cols].view(torch.int16))
+    odd = torch.zeros(8, 3, dtype=torch.bfloat16)  # 6-byte rows: kept as they are
+    assert gc.wide_pair(odd, full[:, 3:6])[1].dtype == torch.bfloat16
+
+
+def test_the_batched_copy_tiles_cover_every_byte_and_nothing_else():
+    """The tile table of ``--copies batched``, replayed row by row with memmove (what the kernel
+    does with 16-byte words): every destination byte right, the canary around them untouched,
+    and a copy the kernel cannot take (6-byte rows) left to torch."""
+    import ctypes
+
+    from fd_ray_sync.gpucheck import batched
+
+    specs = gc.model_specs(0.02)
+    model = [torch.randint(-(2**15), 2**15, s.shape, dtype=torch.int16) for s in specs]
+    model.append(torch.randint(-(2**15), 2**15, (batched.CHUNK * 2 + 48,), dtype=torch.int16))
+    model.append(torch.randint(-(2**15), 2**15, (4, 6), dtype=torch.int16))
+    views = [s.rank_slice(t, 1) for s, t in zip(specs, model)] + [model[-2], model[-1][:, 3:]]
+    gap = 64  # bytes of canary between destinations
+    offsets, at = [], gap
+    for v in views:
+        offsets.append(at)
+        at = gc.align(at + 2 * v.numel()) + gap
+    arena = torch.full((at,), 0xA5, dtype=torch.uint8)
+    dsts = [
+        arena[o : o + 2 * v.numel()].view(torch.int16).view(v.shape) for o, v in zip(offsets, views)
+    ]
+    pairs = [gc.wide_pair(d, v) for d, v in zip(dsts, views)]
+    table, rest = batched.plan_tiles(pairs)
+    assert [d.shape for d, _ in rest] == [(4, 3)]  # only the 6-byte rows
+    assert len(table) > len(pairs)  # big copies are cut into tiles
+    assert (table["rows"].astype(int) * table["vecs"] * batched.WORD <= batched.TILE_BYTES).all()
+    for t in table:
+        for r in range(int(t["rows"])):
+            src, dst = int(t["src"]) + r * int(t["spitch"]), int(t["dst"]) + r * int(t["dpitch"])
+            ctypes.memmove(dst, src, int(t["vecs"]) * batched.WORD)
+    for d, s in rest:
+        d.copy_(s)
+    for d, v in zip(dsts, views):
+        assert torch.equal(d, v)
+    canary = torch.ones(at, dtype=torch.bool)
+    for o, v in zip(offsets, views):
+        canary[o : o + 2 * v.numel()] = False
+    assert (arena[canary] == 0xA5).all()
 
 
 def test_cpu_smoke_every_method_is_bit_identical_and_a_reallocation_is_refused(tmp_path):
