@@ -27,90 +27,22 @@ import numpy as np
 import ray
 
 from fd_ray_sync import ipc, shm
-from fd_ray_sync.checksum import fingerprint
-from fd_ray_sync.config import FleetConfig, LoadConfig, ParallelConfig
+from fd_ray_sync.bench_baselines import run_baseline, run_rdt
+from fd_ray_sync.bench_setup import (
+    GB,
+    WARMUP,
+    OnRound,
+    Setup,
+    memcpy_gbps,
+    no_round,
+    wait_store_drained,
+)
+from fd_ray_sync.config import FleetConfig, LoadConfig
 from fd_ray_sync.engine.synthetic import (
     SyntheticEngine,
-    synthetic_plan,
-    synthetic_shapes,
-    synthetic_weights,
 )
 from fd_ray_sync.memwatch import AnonPeak, Peak, memory_now
 from fd_ray_sync.ray_stats import object_store_bytes_used
-from fd_ray_sync.sharding import take_shard
-from fd_ray_sync.tensors import contiguous
-
-GB = 1e9
-# Two warm-up runs: with the rollback copy kept, the second update is the first to touch a
-# second model's worth of fresh object-store pages (3 s of page faults for 1 GiB here).
-WARMUP = 2
-
-# A method's runner calls it after each of its rounds (warm-ups included) with the number
-# done: `run_bench` turns it into `on_progress(done, total, label)` for a progress bar.
-OnRound = Callable[[int], None]
-
-
-def _no_round(done: int) -> None:
-    pass
-
-
-def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Best-of-`repeats` single-core copy bandwidth between two touched host buffers."""
-    src = np.ones(nbytes, np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return nbytes / best / GB
-
-
-def _timed(fn: Callable) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def wait_store_drained(limit: int, timeout_s: float = 60.0) -> None:
-    """Wait until the object store holds at most `limit` bytes (Ray frees asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while object_store_bytes_used() > limit and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-class Setup:
-    """The synthetic model and what each rank must end up holding."""
-
-    def __init__(self, size_gb: float, tp: int, dp: int, keep_committed: bool = True):
-        self.keep_committed = keep_committed
-        self.total_bytes = int(size_gb * (1 << 30))
-        self.tp, self.dp = tp, dp
-        self.shapes = synthetic_shapes(self.total_bytes)
-        self.model_bytes = sum(int(np.prod(s)) * 4 for s in self.shapes.values())
-        self.plans = {r: synthetic_plan(self.shapes, tp, r % tp) for r in range(tp * dp)}
-        self.share_bytes = {
-            r: sum(int(np.prod(plan[n].local_shape(s))) * 4 for n, s in self.shapes.items())
-            for r, plan in self.plans.items()
-        }
-
-    def weights(self, seed: int):
-        return synthetic_weights(self.shapes, seed)
-
-    def expected_fingerprints(self, seed: int) -> dict[int, str]:
-        by_tp = {}
-        for r in range(self.tp):
-            plan = self.plans[r]
-            by_tp[r] = fingerprint(
-                (n, "float32", take_shard(a, plan[n])) for n, a in self.weights(seed)
-            )
-        return {r: by_tp[r % self.tp] for r in self.plans}
-
-    def holds(self, ranks: list, seed: int) -> bool:
-        """Every rank actor (with a `fingerprint()` method) holds seed `seed`'s slices."""
-        got = dict(enumerate(ray.get([r.fingerprint.remote() for r in ranks])))
-        return got == self.expected_fingerprints(seed)
-
-    def floor_s(self, gbps: float) -> float:
-        return (self.model_bytes + sum(self.share_bytes.values())) / (gbps * GB)
-
 
 # --- methods ------------------------------------------------------------------------------
 
@@ -140,7 +72,7 @@ def _rank_handles(fleet) -> list:
     return ray.get(fleet.coordinator.rank_handles.remote())
 
 
-def run_fleet_method(setup: Setup, runs: int, how: str, on_round: OnRound = _no_round) -> dict:
+def run_fleet_method(setup: Setup, runs: int, how: str, on_round: OnRound = no_round) -> dict:
     """Ours: the object store (with or without checksums; pipelined, or gathered from an
     iterator), or per-rank snapshots."""
     gathered = how == "object_store_gathered"  # every bucket put first, then loaded
@@ -212,186 +144,6 @@ def run_fleet_method(setup: Setup, runs: int, how: str, on_round: OnRound = _no_
         "rank_extra": rank_extra,
         "bit_identical": ok,
         **extra,
-    }
-
-
-class _PlainRank:
-    """A rank of the baselines: paddle parameters of its slices, loaded the usual ways."""
-
-    def __init__(self, total_bytes: int, tp: int, rank: int):
-        import paddle
-
-        paddle.disable_signal_handler()
-        parallel = ParallelConfig(tp=tp, rank=rank % tp)  # any replica: its TP rank's slices
-        self.engine = SyntheticEngine(total_bytes, parallel, _NoGroups())
-        self.params = self.engine.models()[0].state_dict()
-        self.plan = self.engine.shard_plan()
-        self._watch: AnonPeak | None = None
-
-    def watch(self) -> None:
-        self._watch = AnonPeak()
-
-    def peak(self) -> int:
-        return self._watch.stop()
-
-    def load_object(self, wrapped: list) -> None:
-        """Naive Ray: get the whole state dict, set_value each slice."""
-        state = ray.get(wrapped[0])
-        for name, param in self.params.items():
-            param.set_value(contiguous(take_shard(state[name], self.plan[name])))
-
-    def load_pdparams(self, path: str) -> None:
-        """FastDeploy-style: paddle.load of a pickle this benchmark wrote itself."""
-        import paddle
-
-        state = paddle.load(path)  # the one place pickle is loaded: our own bench files
-        for name, param in self.params.items():
-            param.set_value(state[name])
-
-    def fingerprint(self) -> str:
-        from fd_ray_sync.params import read_param
-
-        return fingerprint((n, "float32", read_param(p)) for n, p in self.params.items())
-
-
-PlainRank = ray.remote(num_cpus=1)(_PlainRank)
-
-
-class _NoGroups:
-    """The baselines' ranks run no collectives: an always-up stand-in for CommGroups."""
-
-    up = True
-
-    def start(self) -> None:
-        pass
-
-
-def naive_push(full: dict, ranks: list) -> None:
-    """Naive Ray: the whole state dict as one object; every rank gets it and set_values."""
-    ref = ray.put(full)
-    ray.get([r.load_object.remote([ref]) for r in ranks])
-
-
-def run_baseline(setup: Setup, runs: int, how: str, on_round: OnRound = _no_round) -> dict:
-    world = setup.tp * setup.dp
-    ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
-    ray.get([r.watch.remote() for r in ranks])
-    ray.get([r.peak.remote() for r in ranks])
-    folder = tempfile.mkdtemp(prefix="fdrs-pdparams-")
-    times, extra = [], {}
-    try:
-        for run in range(runs + WARMUP):
-            seed = run + 1
-            full = dict(setup.weights(seed))
-            wait_store_drained(64 << 20)
-            ray.get([r.watch.remote() for r in ranks])
-            trainer = AnonPeak()
-            start = time.perf_counter()
-            if how == "naive_ray":
-                naive_push(full, ranks)
-            else:  # fastdeploy_pdparams: per-rank paddle.save, then paddle.load on each rank
-                import paddle
-
-                paths = []
-                for r in range(setup.tp):
-                    local = {
-                        n: paddle.to_tensor(contiguous(take_shard(a, setup.plans[r][n])))
-                        for n, a in full.items()
-                    }
-                    paths.append(os.path.join(folder, f"model_state.tp{r}.pdparams"))
-                    paddle.save(local, paths[-1])
-                    del local
-                ray.get(
-                    [rk.load_pdparams.remote(paths[i % setup.tp]) for i, rk in enumerate(ranks)]
-                )
-            dt = time.perf_counter() - start
-            trainer_extra = trainer.stop()
-            del full
-            rank_extra = ray.get([r.peak.remote() for r in ranks])
-            if run >= WARMUP:
-                times.append(dt)
-            on_round(run + 1)
-        ok = setup.holds(ranks, runs + WARMUP)
-    finally:
-        for r in ranks:
-            ray.kill(r)
-        shutil.rmtree(folder, ignore_errors=True)
-    return {
-        "times": times,
-        "trainer_extra": trainer_extra,
-        "rank_extra": rank_extra,
-        "bit_identical": ok,
-        **extra,
-    }
-
-
-def _rdt_actors():
-    """The RDT actor classes, defined only once torch is known to be there: Ray checks the
-    tensor transport when a method is declared."""
-    import torch
-
-    @ray.remote(num_cpus=0, enable_tensor_transport=True)
-    class RdtTrainer:
-        def __init__(self, total_bytes: int):
-            self.shapes = synthetic_shapes(total_bytes)
-
-        @ray.method(tensor_transport="gloo")
-        def weights(self, seed: int) -> dict:
-            return {n: torch.from_numpy(a) for n, a in synthetic_weights(self.shapes, seed)}
-
-    @ray.remote(num_cpus=1, enable_tensor_transport=True)
-    class RdtRank(_PlainRank):
-        def load(self, state: dict) -> None:
-            for name, param in self.params.items():
-                full = state[name].numpy()
-                param.set_value(contiguous(take_shard(full, self.plan[name])))
-
-    return RdtTrainer, RdtRank
-
-
-def run_rdt(setup: Setup, runs: int, on_round: OnRound = _no_round) -> dict:
-    """Ray Direct Transport over gloo: a trainer actor returns torch tensors through the
-    collective group and each rank receives them (new tensors on every receive) and copies
-    its slices into its parameters."""
-    try:
-        import torch  # noqa: F401
-        from ray.experimental.collective import create_collective_group, destroy_collective_group
-    except ImportError as e:
-        return {"error": f"{type(e).__name__}: {e} (RDT's gloo transport moves torch tensors)"}
-    world = setup.tp * setup.dp
-    RdtTrainer, RdtRank = _rdt_actors()  # noqa: N806 - classes
-    trainer = RdtTrainer.remote(setup.total_bytes)
-    ranks = [RdtRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
-    group = None
-    times, trainer_extra = [], 0
-    try:
-        group = create_collective_group([trainer, *ranks], backend="torch_gloo")
-        for run in range(runs + WARMUP):
-            seed = run + 1
-            ray.get([r.watch.remote() for r in ranks])
-            start = time.perf_counter()
-            ref = trainer.weights.remote(seed)
-            ray.get([r.load.remote(ref) for r in ranks])
-            dt = time.perf_counter() - start
-            rank_extra = ray.get([r.peak.remote() for r in ranks])
-            del ref
-            if run >= WARMUP:
-                times.append(dt)
-            on_round(run + 1)
-        ok = setup.holds(ranks, runs + WARMUP)
-    except Exception as e:  # noqa: BLE001 - RDT is alpha: report how it failed, exactly
-        return {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        if group is not None:
-            destroy_collective_group(group)
-        for actor in (trainer, *ranks):
-            ray.kill(actor)
-    return {
-        "times": times,
-        "trainer_extra": trainer_extra,
-        "rank_extra": rank_extra,
-        "bit_identical": ok,
-        "note": "trainer memory not sampled (it is an actor process)",
     }
 
 

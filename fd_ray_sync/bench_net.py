@@ -62,7 +62,7 @@ def run_shaped(
     replicas_per_node: int = 1,
 ) -> dict:
     """Build the network, run the driver in its head namespace, tear it down; the results."""
-    from fd_ray_sync.bench import Setup
+    from fd_ray_sync.bench_setup import Setup
     from fd_ray_sync.netlab import DEV, ShapedNetwork, unavailable
 
     reason = unavailable()
@@ -104,8 +104,8 @@ def _drive(config: dict) -> dict:
     """In the head namespace: every method over the shaped network, side by side."""
     import ray
 
-    from fd_ray_sync.bench import Setup
     from fd_ray_sync.bench_nodes import _naive, _ours
+    from fd_ray_sync.bench_setup import Setup
     from fd_ray_sync.netlab import HEAD_IP
 
     ray.init(

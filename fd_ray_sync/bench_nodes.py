@@ -105,7 +105,7 @@ def _ours(
 ) -> dict:
     """Our fleet, its replicas spread over the rank nodes; `meter.settled()` gives each
     node's sent bytes."""
-    from fd_ray_sync.bench import WARMUP
+    from fd_ray_sync.bench_setup import WARMUP
     from fd_ray_sync.fleet import Fleet
 
     config = FleetConfig(
@@ -164,7 +164,8 @@ def _rebuild_from_peer(fleet, meter, setup, seed: int) -> dict:
 
 
 def _naive(setup, meter, runs: int) -> dict:
-    from fd_ray_sync.bench import WARMUP, PlainRank, naive_push
+    from fd_ray_sync.bench_baselines import PlainRank, naive_push
+    from fd_ray_sync.bench_setup import WARMUP
 
     world = setup.tp * setup.dp
     ranks = [PlainRank.remote(setup.total_bytes, setup.tp, r) for r in range(world)]
@@ -185,7 +186,7 @@ def _naive(setup, meter, runs: int) -> dict:
 
 
 def run_nodes(size_gb: float, tp: int, node_counts: list[int], runs: int, bucket_mb: int) -> dict:
-    from fd_ray_sync.bench import Setup
+    from fd_ray_sync.bench_setup import Setup
 
     out: dict = {"size_gb": size_gb, "tp": tp, "bucket_mb": bucket_mb, "runs": runs, "nodes": {}}
     for nodes in node_counts:

@@ -53,7 +53,7 @@ class ChaosConfig(BaseModel):
     phase_timeout_s: float = Field(30.0, gt=0)
     tokens: int = Field(8, ge=1)
     seed: int = 0
-    transport: Literal["object_store", "collective"] = Field(
+    transport: Literal["object_store", "collective", "ipc"] = Field(
         "object_store", description="How updates reach the ranks (LoadConfig.load_strategy)."
     )
 

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--no-coordinator-kill", action="store_true")
     chaos.add_argument("--seed", type=int, default=0)
     chaos.add_argument(
-        "--transport", default="object_store", choices=["object_store", "collective"]
+        "--transport", default="object_store", choices=["object_store", "collective", "ipc"]
     )
     chaos.add_argument("--json", default=None, help="also write the figures to this file")
 
