@@ -67,6 +67,9 @@ class ChaosReport(BaseModel):
         0, description="Killed ranks found at the end as a new process holding the final version."
     )
     coordinator_killed: int = 0
+    coordinator_killed_at_s: float | None = Field(
+        None, description="Second of the run the coordinator was killed at."
+    )
     coordinator_recovered: int = Field(
         0,
         description="1 when, after the kill, a new coordinator answered with the version "
@@ -74,6 +77,13 @@ class ChaosReport(BaseModel):
     )
     requests_served: int = 0
     requests_failed: int = 0
+    request_errors: dict[str, int] = Field(
+        default_factory=dict, description="Failed requests by the exception's type."
+    )
+    request_error_examples: dict[str, str] = Field(
+        default_factory=dict,
+        description="The first message of each type in request_errors, with the run's second.",
+    )
     mixed_version_results: int = 0
     params_not_matching_committed: int = 0
     final_version: str | None = None
@@ -96,6 +106,7 @@ class _Run:
         self.killed: list[tuple[int, int]] = []  # (rank, pid) of each rank killed
         self.committed: str | None = None  # the last version an update returned for
         self.committed_at_coordinator_kill: str | None = None
+        self.started = time.monotonic()
 
     def prepare(self, version: str) -> dict:
         """The weights of `version` and the text they must produce."""
@@ -111,9 +122,8 @@ class _Run:
         while not self.stop.is_set():
             try:
                 result = self.fleet.generate([PROMPT], self.cfg.tokens)[0]
-            except Exception:  # noqa: BLE001 - counted: the figure is the point
-                with self.lock:
-                    self.report.requests_failed += 1
+            except Exception as e:  # noqa: BLE001 - counted: the figure is the point
+                self._failed(e)
                 time.sleep(0.2)
                 continue
             with self.lock:
@@ -121,11 +131,22 @@ class _Run:
                 if self.texts.get(result.version) != result.text:
                     self.report.mixed_version_results += 1
 
+    def _failed(self, e: Exception) -> None:
+        kind = type(e).__name__
+        with self.lock:
+            r = self.report
+            r.requests_failed += 1
+            r.request_errors[kind] = r.request_errors.get(kind, 0) + 1
+            if kind not in r.request_error_examples:
+                at = time.monotonic() - self.started
+                r.request_error_examples[kind] = f"at {at:.1f}s: {str(e)[:300]}"
+
     def kill_coordinator(self) -> None:
         with self.lock:
             self.committed_at_coordinator_kill = self.committed
         ray.kill(self.fleet.coordinator, no_restart=False)
         self.report.coordinator_killed += 1
+        self.report.coordinator_killed_at_s = round(time.monotonic() - self.started, 1)
 
     def killer(self) -> None:
         # The first kill comes early, so even a short run kills at least one rank.
@@ -154,7 +175,7 @@ class _Run:
                 time.sleep(0.5)
 
     def run(self) -> ChaosReport:
-        start = time.monotonic()
+        start = self.started = time.monotonic()
         self.fleet.update(self.prepare("0"), version=0)
         self.committed = "0"
         self.on_progress(0, self.cfg.updates, "version 0 committed; updates start")

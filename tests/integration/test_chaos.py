@@ -14,6 +14,8 @@ def test_bounded_chaos_run_never_mixes_versions(ray_cluster):
     report = run_chaos(
         ChaosConfig(updates=6, dp=2, tp=2, kill_interval_s=8, step_s=0.5, phase_timeout_s=20)
     )
+    assert sum(report.request_errors.values()) == report.requests_failed
+    assert set(report.request_error_examples) == set(report.request_errors)
     assert report.mixed_version_results == 0
     assert report.params_not_matching_committed == 0, report.final_ranks
     assert report.ranks_killed >= 1 and report.ranks_recovered == report.ranks_killed
