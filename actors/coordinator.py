@@ -69,9 +69,9 @@ class CoordinatorActor(
         self._fingerprints: dict[int, str | None] = {}  # rank -> committed fingerprint
         self._down: dict[int, str] = {}  # replica -> why it does not serve
         self.restore_s: dict[int, float] = {}  # replica -> its last restore's load, seconds
-        # (version, replica 0's export) : the rollback copy of a version the transport kept
-        # nothing of (ipc, collective); see _kept_copy.
-        self._keep: tuple[str, dict] | None = None
+        # (version, replica, its export): the rollback copy of a version the transport kept
+        # nothing of (ipc, collective); see _make_rollback_copy.
+        self._keep: tuple[str, int, dict] | None = None
         self._feeds: dict[str, BucketFeed] = {}
         self._feeds_lock = threading.Lock()
         self._running_phase: str | None = None  # set while an update's phase runs

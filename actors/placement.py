@@ -62,14 +62,21 @@ class PlacementMixin:
                 pass
         known = [(spec, fps) for spec, fps in states if spec is not None]
         if known:
-            self._committed, self._fingerprints = max(
-                known, key=lambda k: _VersionKey(k[0].version)
+            newest = max(known, key=lambda k: _VersionKey(k[0].version))[0].version
+            # A replica restored from a peer records the peer's copy, whose objects the dead
+            # coordinator owned: gone with it. Prefer a source that outlived it.
+            same = sorted(
+                (k for k in known if k[0].version == newest),
+                key=lambda k: k[0].transport == "peer" or not k[0].restorable,
             )
+            spec, self._fingerprints = same[0]
+            self._committed = spec.without_data() if spec.transport == "peer" else spec
             self.version = self._committed.version
         self.log.warning(
             "restarted: adopted %d ranks, committed version %s", self.world, self.version
         )
         self.heal()
+        self._make_rollback_copy(wait=True)  # the old one died with its owner, the old us
         self._sync_fronts()
 
     def start(self) -> dict:

@@ -86,13 +86,38 @@ class RecoveryMixin:
     def _replica_nodes(self, replica: int) -> set[str]:
         return {self._nodes[r] for r in self._replica_ranks(replica) if r in self._nodes}
 
+    def _make_rollback_copy(self, wait: bool) -> None:
+        """With keep_committed, when the committed version's source goes with the trainer's
+        next step (ipc, collective, a partial update): the first serving replica's ranks copy
+        their slices into their node's store, the copy owned by this coordinator (see
+        `_export`), so a restore finds it when no replica serves the version any more.
+        Owned here, it dies with this coordinator: a restarted one makes it again (`wait`:
+        until it is there, so that no failure after a restart finds it half made)."""
+        self._keep = None
+        committed = self._committed
+        if not self.config.keep_committed or committed is None or committed.restorable:
+            return
+        serving = [p for p in range(self.config.dp) if self._ok[p] and p not in self._behind]
+        for replica in serving:
+            try:
+                export = self._export(replica)
+                if wait:
+                    refs = [ref for _, refs in export.values() for ref in refs]
+                    ray.get(refs, timeout=self.config.phase_timeout_s)
+            except Exception as e:  # noqa: BLE001 - RankFailed, or a copy lost: the next one
+                self.log.warning("replica %d cannot copy version %s: %s", replica, self.version, e)
+                continue
+            self._keep = (self.version, replica, export)
+            return
+        self.log.warning("no rollback copy of version %s: no replica could make it", self.version)
+
     def _kept_copy(self) -> TransportSpec | None:
-        """The rollback copy replica 0 exported after the commit (transports whose data the
+        """The rollback copy a replica exported after the commit (transports whose data the
         trainer reuses), or None when there is none or it is lost."""
         if self._keep is None or self._keep[0] != self.version:
             return None
-        version, export = self._keep
-        spec = self._peer_spec(0, export)
+        version, replica, export = self._keep
+        spec = self._peer_spec(replica, export)
         try:  # the copies finished (they ran right after the commit)
             ray.get(
                 [ref for refs in spec.refs for ref in refs], timeout=self.config.phase_timeout_s

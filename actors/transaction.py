@@ -258,15 +258,9 @@ class TransactionMixin:
         self._sync_fronts(first, reopen=("update",))
         for replica in first:
             metrics.committed_version(self.config.name, replica, loaded)
-        self._keep = None
-        if self.config.keep_committed and not self._committed.restorable:
-            # ipc, collective: the trainer's buffers are reused. Replica 0's ranks copy
-            # their slices into their own node's store as the rollback copy, after this
-            # returns (their next tasks; nobody waits for them unless a restore needs it).
-            try:
-                self._keep = (loaded, self._export(0))
-            except RankFailed as e:  # a restore then needs a serving replica
-                self.log.warning("no rollback copy of version %s: %s", loaded, e)
+        # ipc, collective: the trainer's buffers are reused; a serving replica's ranks copy
+        # their slices into their node's store after this returns (nobody waits for it).
+        self._make_rollback_copy(wait=False)
         behind = self._roll()
         report = UpdateReport(
             version=loaded,

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import ray
 import torch
 from fleet_checks import assert_serves, kill_rank0_mid_write, over_object_store
 from procs import start_driver
@@ -173,3 +174,27 @@ def test_a_trainer_killed_mid_feed_aborts_in_seconds_and_leaves_no_shared_memory
     assert waited < TIMEOUT_S / 4, f"the dead trainer held the fleet {waited:.1f}s"
     assert shm.segments_of(trainer.pid) == []  # swept by the ranks moving on
     assert_serves(fleet, state, version)
+
+
+def test_a_restarted_coordinator_makes_the_rollback_copy_again(fleet):
+    """The copy of an ipc version that a replica's ranks make after the commit is owned by
+    the coordinator and dies with it. A restarted coordinator makes it again, so a failure
+    that leaves no replica serving still has the version to restore (a chaos run found both
+    replicas down with "nothing to restore" after a coordinator restart)."""
+    state = init_full_state_dict(TINY, seed=20)
+    fleet.update(state, version=20)  # after the versions of the tests above
+    ray.kill(fleet.coordinator, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ranks = fleet.status()["ranks"]
+            break
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    tp = fleet.config.tp
+    for r in ranks:  # one rank of each replica: none is left to restore from
+        if r["rank"] % tp == 0:
+            os.kill(r["pid"], signal.SIGKILL)
+    ray.get(fleet.coordinator.heal.remote())
+    assert_serves(fleet, state, 20)
