@@ -33,11 +33,11 @@ def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     src = np.ones(nbytes, np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    best = min(timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return nbytes / best / GB
 
 
-def timed(fn: Callable) -> float:
+def _timed(fn: Callable) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t

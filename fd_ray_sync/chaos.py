@@ -106,7 +106,7 @@ class _Run:
         self.killed: list[tuple[int, int]] = []  # (rank, pid) of each rank killed
         self.committed: str | None = None  # the last version an update returned for
         self.committed_at_coordinator_kill: str | None = None
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # run() sets it again when the run starts
 
     def prepare(self, version: str) -> dict:
         """The weights of `version` and the text they must produce."""
@@ -175,7 +175,7 @@ class _Run:
                 time.sleep(0.5)
 
     def run(self) -> ChaosReport:
-        start = self.started = time.monotonic()
+        self.started = time.monotonic()
         self.fleet.update(self.prepare("0"), version=0)
         self.committed = "0"
         self.on_progress(0, self.cfg.updates, "version 0 committed; updates start")
@@ -211,7 +211,7 @@ class _Run:
                 t.join(timeout=120)
         self.on_progress(self.cfg.updates, self.cfg.updates, "healing, then checking every rank")
         self.finish()
-        self.report.seconds = time.monotonic() - start
+        self.report.seconds = time.monotonic() - self.started
         return self.report
 
     def _tally(self) -> str:
