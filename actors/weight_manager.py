@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from fd_ray_sync import shm
+from fd_ray_sync import cuda_ipc, shm
 from fd_ray_sync.buckets import BucketMeta, plan_parts
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
@@ -138,6 +138,7 @@ class WeightManagerActor:
         written bytes instead of reading the source twice (see DynamicWeightManager)."""
         self._discard()
         shm.sweep()  # segments of a trainer that died here (ipc) go before anything else
+        cuda_ipc.sweep()  # and this rank's mappings of its device memory
         source = self._open(spec)
         try:
             try:
@@ -233,6 +234,7 @@ class WeightManagerActor:
         m = self._manager()
         self._discard()
         shm.sweep()  # an update aborted because its trainer died: its shared memory goes
+        cuda_ipc.sweep()
         self._pending = None
         if m.status == ModelWeightsStatus.UPDATING:
             m.finalize_update()

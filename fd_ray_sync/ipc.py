@@ -17,7 +17,11 @@ Two modes, one protocol (ranks attach each segment once and copy their TP slices
   registered (a reallocated tensor would leave ranks reading memory the trainer no longer
   writes) and refuses, naming it, when not.
 
-On GPUs the same protocol runs over CUDA IPC handles (see `fd_ray_sync.gpucheck`).
+On GPUs the same protocol runs over CUDA IPC (`fd_ray_sync.cuda_ipc`): a ring on `device`
+is a few device buffers, and registered CUDA tensors are shared where they lie (no `share()`
+step); names and offsets are the same, ranks copy device to device. Checksums are still xxh3
+of host bytes: a checked update reads every packed or registered byte back to the host once
+on the trainer (and each rank its own slices), which a device hash would remove.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fd_ray_sync import shm
+from fd_ray_sync import cuda_ipc, shm
 from fd_ray_sync.buckets import BucketMeta, plan_parts, slice_checksums
 from fd_ray_sync.checksum import copy_and_digest, copy_and_digests
 from fd_ray_sync.errors import StateError, WeightMismatchError
@@ -36,6 +40,7 @@ from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, take_shard
 from fd_ray_sync.tensors import (
     BITS_DTYPES,
+    contiguous,
     from_bits,
     shape_and_dtype,
     storage_dtype,
@@ -83,24 +88,43 @@ def _cover(specs: Sequence[ShardSpec]) -> bool:
 
 
 class BucketRing:
-    """`slots` shared segments of `slot_bytes`, allocated once, reused by every update."""
+    """`slots` shared segments of `slot_bytes`, allocated once, reused by every update.
 
-    def __init__(self, slots: int, slot_bytes: int, shared: bool = True):
+    With `device` (a torch CUDA device), the slots are device buffers shared by CUDA IPC:
+    `names[k]` is slot k's allocation and `offsets[k]` where the slot starts in it."""
+
+    def __init__(self, slots: int, slot_bytes: int, shared: bool = True, device: str | None = None):
         if slots < 2:
             raise StateError(f"a bucket ring needs at least 2 slots, not {slots}")
         self.slot_bytes = slot_bytes
-        # Shared: segments the ranks attach (ipc). Private: this process's own memory, which
-        # the collective transport sends from.
-        self.segments = [shm.create(f"ring{k}", slot_bytes) for k in range(slots)] if shared else []
-        self.slots = (
-            [s.array(0, slot_bytes) for s in self.segments]
-            if shared
-            else [np.empty(slot_bytes, np.uint8) for _ in range(slots)]
-        )
+        self.device = device
+        self.segments: list[shm.Segment] = []
+        self._names: tuple[str, ...] = ()
+        self.offsets: tuple[int, ...] = (0,) * slots
+        if device is not None:
+            import torch
+
+            self.slots = [
+                torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)
+            ]
+            exported: dict[int, str] = {}
+            shared_at = [cuda_ipc.export(slot, exported) for slot in self.slots]
+            self._names = tuple(name for name, _ in shared_at)
+            self.offsets = tuple(offset for _, offset in shared_at)
+        elif shared:  # segments the ranks attach (ipc)
+            self.segments = [shm.create(f"ring{k}", slot_bytes) for k in range(slots)]
+            self._names = tuple(s.name for s in self.segments)
+            self.slots = [s.array(0, slot_bytes) for s in self.segments]
+        else:  # this process's own memory, which the collective transport sends from
+            self.slots = [np.empty(slot_bytes, np.uint8) for _ in range(slots)]
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.segments)
+        return self._names
+
+    @property
+    def shared(self) -> bool:
+        return bool(self._names)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -129,28 +153,60 @@ class BucketRing:
         slot = self.slots[index % len(self.slots)]
         metas, offset = [], 0
         for name, tensor in named:
-            array, dtype = to_host(tensor)
             offset = aligned(offset)
-            dst = slot[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
-            sums = _checksums(dst, array, name, plans)
+            if self.device is not None:
+                shape, dtype, nbytes, sums = _pack_device(slot, offset, tensor, name, plans)
+            else:
+                array, dtype = to_host(tensor)
+                shape, nbytes = array.shape, array.nbytes
+                dst = slot[offset : offset + nbytes].view(array.dtype).reshape(shape)
+                sums = _checksums(dst, array, name, plans)
             metas.append(
                 TensorMeta(
                     name=name,
-                    shape=array.shape,
+                    shape=shape,
                     dtype=dtype,
                     offset=offset,
-                    nbytes=array.nbytes,
+                    nbytes=nbytes,
                     slice_checksums=sums,
                 )
             )
-            offset += array.nbytes
+            offset += nbytes
+        if self.device is not None:  # ranks read the slot from other processes' streams
+            import torch
+
+            torch.cuda.synchronize(self.device)
         return BucketMeta(index=index, tensors=tuple(metas))
 
     def close(self) -> None:
         self.slots = []
+        self._names = ()
         for segment in self.segments:
             segment.unlink()
         self.segments = []
+
+
+def _pack_device(slot: Any, offset: int, tensor: Any, name: str, plans) -> tuple:
+    """Copy `tensor` into the device slot at `offset`: (shape, dtype, nbytes, checksums).
+    A host tensor crosses once (host to device); checksums are of host bytes (see above)."""
+    import torch
+
+    shape, dtype = shape_and_dtype(tensor)
+    nbytes = math.prod(shape) * storage_dtype(dtype).itemsize
+    dst = slot[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape)
+    host = None
+    if not (type(tensor).__module__.startswith("torch") and tensor.device.type == "cuda"):
+        host, _ = to_host(tensor)
+        tensor = from_bits(torch.from_numpy(contiguous(host)), dtype)
+    dst.copy_(tensor.detach())
+    if plans is None:
+        return shape, dtype, nbytes, None
+    return (
+        shape,
+        dtype,
+        nbytes,
+        _checksums(host if host is not None else to_host(dst)[0], None, name, plans),
+    )
 
 
 def share(weights: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,12 +250,14 @@ def _locate(address: int, nbytes: int) -> tuple[str, int] | None:
 class Registration:
     """A trainer's tensors registered once as the ranks' source (registered storage).
 
-    `weights` is a mapping of tensors in shared memory (`share`), or a torch module whose
-    `state_dict()` holds them; it is read again at each update, so a tensor the trainer
-    reallocated (a new storage, shape or dtype) is noticed and refused."""
+    `weights` is a mapping of tensors in shared memory (`share`) or of torch CUDA tensors
+    (shared where they lie, by CUDA IPC), or a torch module whose `state_dict()` holds them;
+    it is read again at each update, so a tensor the trainer reallocated (a new storage,
+    shape or dtype) is noticed and refused."""
 
     def __init__(self, weights: Any):
         self.weights = weights
+        self._exported: dict[int, str] = {}  # CUDA allocations shared, by base address
         self.places: dict[str, tuple[str, int, tuple[int, ...], str, int]] = {}
         for name, tensor in self._current().items():
             self.places[name] = self._place(name, tensor)
@@ -209,8 +267,13 @@ class Registration:
             return self.weights.state_dict()
         return self.weights
 
-    @staticmethod
-    def _place(name: str, tensor: Any) -> tuple[str, int, tuple[int, ...], str, int]:
+    def _place(self, name: str, tensor: Any) -> tuple[str, int, tuple[int, ...], str, int]:
+        if cuda_ipc.is_cuda(tensor):
+            if not tensor.is_contiguous():
+                raise WeightMismatchError(f"registered parameter {name!r} is not contiguous")
+            shape, dtype = shape_and_dtype(tensor)
+            where = cuda_ipc.export(tensor.detach(), self._exported)
+            return (*where, shape, dtype, tensor.data_ptr())
         array, dtype = to_host(tensor)
         if not array.flags.c_contiguous:
             raise WeightMismatchError(f"registered parameter {name!r} is not contiguous")
@@ -233,25 +296,34 @@ class Registration:
             gone = sorted(set(self.places) - set(current))
             problems.append(f"names changed (new: {added[:5]}, gone: {gone[:5]})")
         metas = []
+        devices = set()
         for name, (_, offset, shape, dtype, address) in self.places.items():
             if name not in current:
                 continue
-            array, now_dtype = to_host(current[name])
-            now = (tuple(array.shape), now_dtype, array.__array_interface__["data"][0])
-            if now != (shape, dtype, address):
+            tensor = current[name]
+            if cuda_ipc.is_cuda(tensor):  # shape and pointer only: no read unless checked
+                devices.add(tensor.device)
+                now_shape, now_dtype = shape_and_dtype(tensor)
+                now_address, array = tensor.data_ptr(), None
+            else:
+                array, now_dtype = to_host(tensor)
+                now_shape, now_address = tuple(array.shape), array.__array_interface__["data"][0]
+            if (now_shape, now_dtype, now_address) != (shape, dtype, address):
                 problems.append(
                     f"{name} was reallocated ({dtype}{list(shape)} -> "
-                    f"{now_dtype}{list(array.shape)}, or a new storage)"
+                    f"{now_dtype}{list(now_shape)}, or a new storage)"
                 )
                 continue
+            if array is None and plans is not None:
+                array = to_host(tensor)[0]
             metas.append(
                 TensorMeta(
                     name=name,
                     shape=shape,
                     dtype=dtype,
                     offset=offset,
-                    nbytes=array.nbytes,
-                    slice_checksums=_checksums(array, None, name, plans),
+                    nbytes=math.prod(shape) * storage_dtype(dtype).itemsize,
+                    slice_checksums=None if array is None else _checksums(array, None, name, plans),
                 )
             )
         if problems:
@@ -260,6 +332,11 @@ class Registration:
                 + "; ".join(problems[:5])
                 + ": register the weights again"
             )
+        if devices:  # the trainer's last writes land before ranks read from their streams
+            import torch
+
+            for device in devices:
+                torch.cuda.synchronize(device)
         return metas
 
     def segment_of(self, name: str) -> str:

@@ -35,7 +35,7 @@ from fd_ray_sync.params import (
 )
 from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.status import ModelWeightsStatus
-from fd_ray_sync.tensors import all_finite, as_storage, element_strides
+from fd_ray_sync.tensors import all_finite, element_strides, host_array
 from fd_ray_sync.version import validate_version
 
 
@@ -154,7 +154,7 @@ class RankLoad:
                         undo[name] = np.array(read_param(param), copy=True)
                     view = host_view(param) if check_after_write else None
                     if view is not None and view.flags.c_contiguous:  # hashed while copied
-                        got = copy_and_digest(view, as_storage(array, dtype))
+                        got = copy_and_digest(view, host_array(array, dtype))
                     else:
                         write_param(param, array, dtype)
                         if check_after_write:  # a device (or cleared) parameter: read back
@@ -262,9 +262,9 @@ class RankLoad:
 
     @staticmethod
     def _check_checksums(label: str, chunk: Chunk, source: WeightSource) -> None:
-        for name, (array, _) in chunk.items():
+        for name, (array, dtype) in chunk.items():
             want = source.checksum(name)
-            if want is not None and digest(array) != want:
+            if want is not None and digest(host_array(array, dtype)) != want:
                 raise ChecksumError(f"{label}: parameter {name!r} does not match its checksum")
 
     def rollback(self) -> list[str]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from fd_ray_sync import cuda_ipc
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.collective import TrainerEnd, chain_order
 from fd_ray_sync.config import FEED_THREADS
@@ -92,6 +93,7 @@ def update_ring(
         uid=uid,
         keep=False,
         slots=ring.names,
+        slot_offsets=ring.offsets,
     )
 
     def feed(expect: Expected) -> int:
@@ -113,24 +115,35 @@ def update_ring(
 def ring_for(fleet: Fleet, weights: Mapping[str, Any], shared: bool = True) -> BucketRing:
     """This trainer's ring, allocated on first use and kept; grown (new segments, which
     ranks attach once more) when a tensor does not fit a slot. `shared`: in segments
-    the ranks attach (ipc); else private memory the collective transport sends from."""
+    the ranks attach (ipc); else private memory the collective transport sends from.
+    A GPU fleet (`use_gpu`) fed CUDA tensors shares a ring on their device (CUDA IPC)."""
     largest = max(
         (aligned(math.prod(s) * storage_dtype(d).itemsize) for s, d in shapes(weights)),
         default=0,
     )
     want = max(fleet.config.load.bucket_bytes, largest)
     slots = fleet.config.buckets_in_flight if shared else SLOTS
+    device = ring_device(weights) if shared and fleet.config.use_gpu else None
     ring = fleet._ring
     if (
         ring is None
         or ring.slot_bytes < want
         or len(ring) != slots
-        or bool(ring.segments) != shared
+        or ring.shared != shared
+        or ring.device != device
     ):
         if ring is not None:
             ring.close()
-        fleet._ring = ring = BucketRing(slots, want, shared)
+        fleet._ring = ring = BucketRing(slots, want, shared, device)
     return ring
+
+
+def ring_device(weights: Mapping[str, Any]) -> str | None:
+    """The CUDA device of the first CUDA tensor in `weights` ("cuda:1"), or None."""
+    for tensor in weights.values():
+        if cuda_ipc.is_cuda(tensor):
+            return str(tensor.device)
+    return None
 
 
 def update_collective(

@@ -175,7 +175,10 @@ def contiguous(array: np.ndarray) -> np.ndarray:
 
 
 def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
-    """`array` reinterpreted with the numpy dtype that stores `dtype` (checks the item size)."""
+    """`array` reinterpreted with the numpy dtype that stores `dtype` (checks the item size).
+    A framework tensor (a device source's view) is returned as it is: it carries its dtype."""
+    if not isinstance(array, np.ndarray):
+        return array
     want = storage_dtype(dtype)
     if array.dtype == want:
         return array
@@ -184,8 +187,17 @@ def as_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.view(want)
 
 
-def all_finite(array: np.ndarray, dtype: str) -> bool:
+def host_array(array: Any, dtype: str) -> np.ndarray:
+    """A chunk's array as host storage: a numpy array reinterpreted (no copy), a framework
+    tensor (a device source's view: ipc over CUDA) read to the host."""
+    if isinstance(array, np.ndarray):
+        return as_storage(array, dtype)
+    return to_host(array)[0]
+
+
+def all_finite(array: Any, dtype: str) -> bool:
     """True unless a float tensor holds NaN or Inf (bfloat16 and FP8 read from their bits)."""
+    array = host_array(array, dtype)
     if dtype in _NOT_FINITE:
         bits = as_storage(array, dtype)
         mask, value = (bits.dtype.type(v) for v in _NOT_FINITE[dtype])
@@ -195,6 +207,9 @@ def all_finite(array: np.ndarray, dtype: str) -> bool:
     return True
 
 
-def element_strides(array: np.ndarray) -> list[int]:
-    """Strides in elements (the convention of paddle's and torch's `Tensor.stride()`)."""
+def element_strides(array: Any) -> list[int]:
+    """Strides in elements (the convention of paddle's and torch's `Tensor.stride()`) of a
+    numpy array or a framework tensor."""
+    if not isinstance(array, np.ndarray):
+        return [int(s) for s in array.stride()]
     return [s // array.itemsize for s in array.strides]

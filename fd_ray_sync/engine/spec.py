@@ -100,6 +100,9 @@ class ModelConfig(BaseModel):
 # Small enough for multi-process CPU tests; one dense block and one MoE block.
 _TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=4, moe_every=2)
 
+# The "tiny" preset without its MoE block: the torch reference LM's default (it has no MoE).
+TINY_DENSE = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=0)
+
 PRESETS: Mapping[str, ModelConfig] = {
     "tiny": ModelConfig(**_TINY),
     # "tiny" with its attention, MLP and expert weights in float8_e4m3fn (+ float32 scales).

@@ -23,8 +23,7 @@ from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.base import InferenceEngine
-from fd_ray_sync.engine.spec import ModelConfig, shard_plan
-from fd_ray_sync.engine.torch_model import TINY_DENSE, TorchDecoderLM
+from fd_ray_sync.engine.spec import TINY_DENSE, ModelConfig, shard_plan
 from fd_ray_sync.errors import ConfigError, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.params import model_parameters, param_shape
@@ -143,6 +142,8 @@ def torch_lm_engine(
     over TP like the paddle one. `functools.partial(torch_lm_engine, config=...)` picks
     another dense config; `seed` fills the weights from `init_full_state_dict(config, seed)`
     (the paddle reference engine's numbers) instead of torch's random init."""
+    from fd_ray_sync.engine.torch_model import TorchDecoderLM  # its TP all-reduce is paddle's
+
     model = TorchDecoderLM(config, parallel, groups)
     plan = shard_plan(config, parallel)
     if seed is not None:

@@ -30,11 +30,8 @@ from torch import nn
 from fd_ray_sync.comm import CommGroups
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine.model import GroupAllReduce
-from fd_ray_sync.engine.spec import ModelConfig
+from fd_ray_sync.engine.spec import TINY_DENSE, ModelConfig
 from fd_ray_sync.errors import ConfigError
-
-TINY_DENSE = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=128, n_experts=0)
-"""The default config: the "tiny" preset without its MoE block."""
 
 
 class TPAllReduce:

@@ -75,7 +75,7 @@ How a bucket's copies are launched on CUDA (``--copies``; every method but ``hos
 
 A graph is captured before an update is timed, holds the pointers of the views it was built
 from, and is dropped with them when a tensor moves (re-registration). A strided column slice
-is copied through int64 views of both sides (``plan.wide_pair``): same bits, a quarter of the
+is copied through int64 views of both sides (``fd_ray_sync.params.wide_pair``): same bits, a quarter of the
 elements. Measured on an H200 (docs/benchmarks.md): registered 0.37x of the floor with each
 bfloat16 copy from Python, 0.79x batched, 0.90x batched under an MPS daemon (which lets the
 three processes' kernels run side by side; the report says whether one ran).

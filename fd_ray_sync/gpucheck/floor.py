@@ -7,7 +7,9 @@ import time
 
 import torch
 
-from .plan import TP, GiB, bucket_view, equal_bits, flat_layout, max_or_none, wide_pair
+from fd_ray_sync.params import wide_pair
+
+from .plan import TP, GiB, bucket_view, equal_bits, flat_layout, max_or_none
 from .proc import ProcBase
 
 

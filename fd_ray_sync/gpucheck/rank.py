@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from .plan import MiB, bucket_view, combined_checksum, equal_bits, wide_pair
+from fd_ray_sync.params import wide_pair
+
+from .plan import MiB, bucket_view, combined_checksum, equal_bits
 from .proc import Ctl, ProcBase, StaleRegistrationError, host_register, host_unregister
 
 

@@ -24,7 +24,9 @@ from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import ShardSpec
 
 Chunk = dict[str, tuple[np.ndarray, str]]
-"""A group of this rank's tensors: name -> (array, dtype string), already cut to its slice."""
+"""A group of this rank's tensors: name -> (array, dtype string), already cut to its slice.
+The array is a numpy array, or a torch tensor on a device (ipc over CUDA), which the manager
+writes device to device and reads to the host only to check it."""
 
 
 def group_chunks(

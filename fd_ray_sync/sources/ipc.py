@@ -6,6 +6,12 @@ slots, or its own registered tensors. Each rank attaches every segment once and 
 copies it into the parameter in place, hashing each block as it lands. Nothing goes through
 the object store; the feed (ring) or the spec (registered) only says where the bytes are.
 
+Over CUDA (`fd_ray_sync.cuda_ipc`: the trainer's device memory, names starting "cuda-ipc-")
+the views are torch tensors on this rank's GPU and the manager copies them device to device.
+The copies run on this rank's stream, so the rank waits for them before it tells the trainer
+a slot is free (the next bucket's fetch) and before the load ends (`close`); the trainer's
+checks read its bytes back to the host (see `fd_ray_sync.ipc`).
+
 The trainer's memory changes with the next step, so an ipc version is not kept for restores:
 a replica that must reload it (a rank died, an update failed after writing) waits for the
 next update (`TransportSpec.restorable` is False).
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fd_ray_sync import shm
+from fd_ray_sync import cuda_ipc, shm
 from fd_ray_sync.buckets import local_checksum, local_meta
 from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
@@ -34,11 +40,34 @@ from fd_ray_sync.sources.base import (
     register_source,
 )
 from fd_ray_sync.sources.object_store import BucketStreamSource, StreamSpec
-from fd_ray_sync.tensors import as_storage, storage_dtype
+from fd_ray_sync.tensors import as_storage, host_array, storage_dtype
+
+Memory = shm.Segment | cuda_ipc.CudaSegment
 
 
-def _view(segment: shm.Segment, t: TensorMeta) -> np.ndarray:
-    return segment.array(t.offset, t.nbytes).view(storage_dtype(t.dtype)).reshape(t.shape)
+def _attach(names: tuple[str, ...]) -> list[Memory]:
+    """Each named memory, attached once by this process (and kept); CUDA mappings of the same
+    trainer that these names no longer list (a grown ring, a new registration) are closed."""
+    if any(cuda_ipc.is_cuda_name(n) for n in names):
+        cuda_ipc.release_others(set(names))
+    return [cuda_ipc.attach(n) if cuda_ipc.is_cuda_name(n) else shm.attach(n) for n in names]
+
+
+def _view(memory: Memory, t: TensorMeta, base: int = 0):
+    """`t` in `memory` at `base + t.offset`: a numpy view (shared memory) or a torch tensor on
+    this rank's GPU (CUDA IPC), no copy."""
+    if isinstance(memory, cuda_ipc.CudaSegment):
+        return memory.tensor(base + t.offset, tuple(t.shape), t.dtype)
+    array = memory.array(base + t.offset, t.nbytes)
+    return array.view(storage_dtype(t.dtype)).reshape(t.shape)
+
+
+def _wait_for_copies(memories) -> None:
+    """Block until this rank's device copies out of `memories` are done (CUDA only)."""
+    if any(isinstance(m, cuda_ipc.CudaSegment) for m in memories):
+        import torch
+
+        torch.cuda.current_stream().synchronize()
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,7 @@ class IpcRingSpec(StreamSpec):
     check_while_copying = True
     relayed = False
     slots: tuple[str, ...] = ()
+    slot_offsets: tuple[int, ...] = ()  # where each slot starts in its memory (CUDA)
 
     def received(self, feed) -> TransportSpec:
         return self.without_data()
@@ -86,11 +116,18 @@ class IpcRingSource(BucketStreamSource):
             version=spec.version,
             keep=False,
         )
-        self.slots = [shm.attach(name) for name in spec.slots]  # once; kept by shm
+        self.slots = _attach(spec.slots)  # once; kept by shm / cuda_ipc
+        self.offsets = spec.slot_offsets or (0,) * len(self.slots)
 
     def _fetch(self, ticket: BucketTicket) -> list:
-        slot = self.slots[ticket.ref]
-        return [_view(slot, t) for t in ticket.meta.tensors]
+        # The next request tells the trainer the previous bucket's slot is free: its copies,
+        # queued on this rank's stream, must be done by then.
+        _wait_for_copies(self.slots)
+        slot, base = self.slots[ticket.ref], self.offsets[ticket.ref]
+        return [_view(slot, t, base) for t in ticket.meta.tensors]
+
+    def close(self) -> None:
+        _wait_for_copies(self.slots)
 
     def _prefetch(self, ticket: BucketTicket) -> None:
         pass  # the bytes are already in this node's memory
@@ -109,7 +146,8 @@ class IpcStorageSource(WeightSource):
             )
         self.spec, self.plan = spec, plan
         self._version = spec.version
-        self.segments = {n: shm.attach(n) for n in sorted(set(spec.segments))}
+        names = tuple(sorted(set(spec.segments)))
+        self.segments = dict(zip(names, _attach(names)))
 
     @classmethod
     def open(cls, spec: IpcRingSpec | IpcStorageSpec, ctx: RankContext) -> WeightSource:
@@ -137,7 +175,7 @@ class IpcStorageSource(WeightSource):
             t, full = self._full(i)
             spec = self.plan.get(t.name, REPLICATED)
             want = local_checksum(t, spec)
-            if want is not None and digest(take_shard(full, spec)) != want:
+            if want is not None and digest(host_array(take_shard(full, spec), t.dtype)) != want:
                 raise ChecksumError(f"registered parameter {t.name!r} does not match its checksum")
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
@@ -148,3 +186,7 @@ class IpcStorageSource(WeightSource):
                 yield t.name, take_shard(as_storage(full, t.dtype), spec), t.dtype
 
         return group_chunks(named(), self.spec.chunk_bytes, "registered tensors")
+
+    def close(self) -> None:
+        # The trainer's next step may write these tensors once the update commits.
+        _wait_for_copies(self.segments.values())

@@ -233,14 +233,24 @@ class BucketStreamSource(WeightSource):
 
         ray.wait([ticket.ref], fetch_local=True, timeout=0)
 
-    def chunks(self) -> Iterator[tuple[str, Chunk]]:
+    def _get(self, pending: object) -> BucketTicket | None:
+        """The answer of `request` (blocks until the feed has it)."""
         import ray
 
+        return ray.get(pending)
+
+    def _arrived(self, pending: object) -> bool:
+        """Whether the answer of `request` is already here."""
+        import ray
+
+        return bool(ray.wait([pending], timeout=0)[0])
+
+    def chunks(self) -> Iterator[tuple[str, Chunk]]:
         seen: set[str] = set()
         pending = self._request(0)
         i = 0
         while True:
-            item = ray.get(pending)
+            item = self._get(pending)
             if item is None:
                 break
             meta = item.meta
@@ -248,7 +258,7 @@ class BucketStreamSource(WeightSource):
                 raise WeightMismatchError(f"bucket {meta.index} arrived where {i} was due")
             arrays = self._fetch(item)
             pending = self._request(i + 1)  # ask for the next bucket before writing this one
-            if ray.wait([pending], timeout=0)[0] and (nxt := ray.get(pending)) is not None:
+            if self._arrived(pending) and (nxt := self._get(pending)) is not None:
                 self._prefetch(nxt)
             chunk: Chunk = {}
             for t, array in bucket_views(meta, arrays):

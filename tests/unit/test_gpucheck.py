@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fd_ray_sync.gpucheck import plan as gc
+from fd_ray_sync.params import wide_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
@@ -85,12 +86,12 @@ def test_a_strided_slice_is_copied_as_wider_integers_with_the_same_bits():
     full = torch.arange(8 * 24, dtype=torch.int16).view(torch.bfloat16).view(8, 24)
     for cols, want in ((slice(12, 24), torch.int64), (slice(6, 12), torch.int32)):
         dst = torch.zeros(8, cols.stop - cols.start, dtype=torch.bfloat16)
-        d, s = gc.wide_pair(dst, full[:, cols])
+        d, s = wide_pair(dst, full[:, cols])
         assert d.dtype == s.dtype == want
         d.copy_(s)
         assert torch.equal(dst.view(torch.int16), full[:, cols].view(torch.int16))
     odd = torch.zeros(8, 3, dtype=torch.bfloat16)  # 6-byte rows: kept as they are
-    assert gc.wide_pair(odd, full[:, 3:6])[1].dtype == torch.bfloat16
+    assert wide_pair(odd, full[:, 3:6])[1].dtype == torch.bfloat16
 
 
 def test_the_batched_copy_tiles_cover_every_byte_and_nothing_else():
@@ -115,7 +116,7 @@ def test_the_batched_copy_tiles_cover_every_byte_and_nothing_else():
     dsts = [
         arena[o : o + 2 * v.numel()].view(torch.int16).view(v.shape) for o, v in zip(offsets, views)
     ]
-    pairs = [gc.wide_pair(d, v) for d, v in zip(dsts, views)]
+    pairs = [wide_pair(d, v) for d, v in zip(dsts, views)]
     table, rest = batched.plan_tiles(pairs)
     assert [d.shape for d, _ in rest] == [(4, 3)]  # only the 6-byte rows
     assert len(table) > len(pairs)  # big copies are cut into tiles

@@ -1,0 +1,216 @@
+"""CUDA IPC for the co-located (ipc) transport: device memory the trainer shares with ranks.
+
+The GPU twin of `fd_ray_sync.shm`, with the same shape: the trainer exports an allocation
+once and names it; a rank attaches that name once and keeps the mapping; the transport's
+spec carries names and offsets, never tensors (no pickle, no torch reductions).
+
+    trainer   export(tensor) -> (name, offset of the tensor in its allocation)
+                 the allocation: the cudaMalloc block holding the tensor (driver
+                 cuMemGetAddressRange), shared with cudaIpcGetMemHandle
+    name      "cuda-ipc-<pid>-<size>-<128 hex digits of the handle>"
+    rank      attach(name).tensor(offset, shape, dtype) -> a torch tensor over the mapping
+                 (cudaIpcOpenMemHandle, peer access enabled lazily: another GPU of the
+                 node is reached over NVLink/PCIe)
+
+The trainer keeps what it exported alive (ring slots live as long as the ring; registered
+tensors are the trainer's own, and a reallocation is refused by `fd_ray_sync.ipc`). A
+rank's mapping keeps its memory from going back to the driver, so ranks drop the mappings
+a new spec no longer names (`release_others`) and those of a dead trainer (`sweep`).
+
+Torch's caching allocator must hand out ordinary cudaMalloc blocks: with
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` the memory is not IPC-shareable this way
+and `export` says so. Needs `cuda.bindings` (`pip install fd-ray-sync[gpu]`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from fd_ray_sync.errors import StateError, WeightMismatchError
+from fd_ray_sync.shm import pid_alive
+
+PREFIX = "cuda-ipc-"
+_NAME = re.compile(r"cuda-ipc-(\d+)-(\d+)-([0-9a-f]{128})$")
+_lock = threading.Lock()
+_attached: dict[str, CudaSegment] = {}  # name -> mapping (rank)
+
+
+def is_cuda_name(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def encode(pid: int, size: int, handle: bytes) -> str:
+    if len(handle) != 64:
+        raise WeightMismatchError(f"a CUDA IPC handle has 64 bytes, not {len(handle)}")
+    return f"{PREFIX}{pid}-{size}-{handle.hex()}"
+
+
+def decode(name: str) -> tuple[int, int, bytes]:
+    """(owner pid, allocation size, handle bytes) of a name made by `encode`."""
+    match = _NAME.match(name)
+    if match is None:
+        raise WeightMismatchError(f"{name[:40]!r}... is not a CUDA IPC memory name")
+    return int(match.group(1)), int(match.group(2)), bytes.fromhex(match.group(3))
+
+
+def is_cuda(tensor: Any) -> bool:
+    """Whether `tensor` is a torch tensor in CUDA memory."""
+    return type(tensor).__module__.startswith("torch") and tensor.device.type == "cuda"
+
+
+def _bindings():
+    try:
+        from cuda.bindings import driver, runtime
+    except ImportError as e:
+        raise StateError(
+            "the ipc transport over CUDA needs the CUDA Python bindings: pip install "
+            f"'fd-ray-sync[gpu]' (cuda.bindings did not import: {e})"
+        ) from None
+    return driver, runtime
+
+
+def _check(what: str, err: Any) -> None:
+    if int(err) != 0:
+        raise StateError(f"{what} failed: {err!r}")
+
+
+def export(tensor: Any, exported: dict[int, str]) -> tuple[str, int]:
+    """(name, offset): the allocation holding `tensor`'s data, shared once per allocation
+    (`exported`: base address -> name, the caller's record, dropped with what it shares),
+    and where the tensor starts in it."""
+    import os
+
+    import torch
+
+    driver, runtime = _bindings()
+    ptr = tensor.data_ptr()
+    with torch.cuda.device(tensor.device):
+        err, base, size = driver.cuMemGetAddressRange(ptr)
+        _check("cuMemGetAddressRange", err)
+        base, size = int(base), int(size)
+        name = exported.get(base)
+        if name is None or decode(name)[1] != size:
+            err, handle = runtime.cudaIpcGetMemHandle(base)
+            if int(err) != 0:
+                raise StateError(
+                    f"cudaIpcGetMemHandle of a {size}-byte allocation failed ({err!r}); the "
+                    "ipc transport needs memory from cudaMalloc (unset PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True in the trainer)"
+                )
+            exported[base] = name = encode(os.getpid(), size, bytes(handle.reserved))
+    return name, ptr - base
+
+
+@dataclass
+class CudaSegment:
+    """A rank's mapping of a trainer's allocation (the twin of `shm.Segment`)."""
+
+    name: str
+    address: int
+    nbytes: int
+    device: int
+
+    def tensor(self, offset: int, shape: tuple[int, ...], dtype: str) -> Any:
+        """A torch tensor of `dtype` and `shape` at `offset` in the mapping (no copy)."""
+        import math
+
+        import torch
+
+        from fd_ray_sync.tensors import storage_dtype
+
+        nbytes = math.prod(shape) * storage_dtype(dtype).itemsize
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise WeightMismatchError(
+                f"{nbytes} bytes at offset {offset} overrun the trainer's {self.nbytes}-byte "
+                "allocation: the spec does not match the memory it names"
+            )
+        raw = torch.as_tensor(
+            _Interface(self.address + offset, nbytes), device=f"cuda:{self.device}"
+        )
+        return raw.view(getattr(torch, dtype)).view(shape)
+
+    def close(self) -> None:
+        _, runtime = _bindings()
+        _check("cudaIpcCloseMemHandle", runtime.cudaIpcCloseMemHandle(self.address)[0])
+
+
+class _Interface:
+    """`__cuda_array_interface__` of raw bytes, so torch wraps them without owning them."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # the caller orders the copies (see fd_ray_sync.sources.ipc)
+        }
+
+
+def attach(name: str) -> CudaSegment:
+    """This process's mapping of `name` on its current CUDA device, opened once and kept."""
+    with _lock:
+        segment = _attached.get(name)
+    if segment is not None:
+        return segment
+    import torch
+
+    _, runtime = _bindings()
+    owner, size, raw = decode(name)
+    if not pid_alive(owner):
+        raise StateError(f"the trainer (pid {owner}) that shared {name[:30]}... is gone")
+    handle = runtime.cudaIpcMemHandle_t()
+    handle.reserved = raw
+    device = torch.cuda.current_device()
+    with torch.cuda.device(device):
+        err, address = runtime.cudaIpcOpenMemHandle(handle, runtime.cudaIpcMemLazyEnablePeerAccess)
+    if int(err) != 0:
+        raise StateError(
+            f"cudaIpcOpenMemHandle of the trainer's memory (pid {owner}) failed on CUDA device "
+            f"{device} ({err!r}): the trainer must run on this node, and its GPU be this one "
+            "or a peer of it"
+        )
+    segment = CudaSegment(name, int(address), size, device)
+    with _lock:
+        return _attached.setdefault(name, segment)
+
+
+def release(names: set[str] | None = None) -> None:
+    """Close this process's mappings of `names` (all when None)."""
+    with _lock:
+        gone = [n for n in _attached if names is None or n in names]
+        segments = [_attached.pop(n) for n in gone]
+    for segment in segments:
+        segment.close()
+
+
+def release_others(keep: set[str]) -> None:
+    """Close the mappings of memory whose owners are in `keep`'s names but which `keep` does
+    not name (a grown ring, tensors registered again) and those of dead owners."""
+    owners = {decode(n)[0] for n in keep if is_cuda_name(n)}
+    with _lock:
+        stale = {
+            n
+            for n in _attached
+            if n not in keep and (decode(n)[0] in owners or not pid_alive(decode(n)[0]))
+        }
+    release(stale)
+
+
+def sweep() -> None:
+    """Close the mappings of memory whose owner died (a trainer killed mid-update): the
+    mapping alone would keep that memory from the driver."""
+    with _lock:
+        dead = {n for n in _attached if not pid_alive(decode(n)[0])}
+    if dead:
+        release(dead)
+
+
+def attached() -> list[str]:
+    """Names this process has open (tests, diagnostics)."""
+    with _lock:
+        return sorted(_attached)
