@@ -55,11 +55,14 @@ def _free_endpoint() -> str:
 class WeightManagerActor:
     def __init__(self, parallel: ParallelConfig, load: LoadConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        import paddle
-
-        # Ray ends ranks with signals (shutdown, rebuilds); paddle's handler would print a
-        # C++ "FatalError" trace for each, which reads like a crash.
-        paddle.disable_signal_handler()
+        try:
+            import paddle
+        except ModuleNotFoundError:  # a torch engine's replicas of one rank run without it
+            pass
+        else:
+            # Ray ends ranks with signals (shutdown, rebuilds); paddle's handler would print
+            # a C++ "FatalError" trace for each, which reads like a crash.
+            paddle.disable_signal_handler()
         self.parallel, self.load, self._factory = parallel, load, engine_factory
         self.rank = parallel.rank
         self.log = get_logger(__name__, self.rank)

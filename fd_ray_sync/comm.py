@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any, Literal
 
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.errors import StateError
@@ -27,8 +28,6 @@ def init_world(parallel: ParallelConfig, endpoints: Sequence[str]) -> None:
     Paddle reads its launch contract from environment variables; this is the one place
     fd-ray-sync sets them. Must run before any other paddle.distributed call.
     """
-    import paddle.distributed as dist
-
     if len(endpoints) != parallel.tp:
         raise StateError(
             f"rank {parallel.rank}: {len(endpoints)} endpoints given for a replica of "
@@ -44,7 +43,9 @@ def init_world(parallel: ParallelConfig, endpoints: Sequence[str]) -> None:
         PADDLE_RANK_IN_NODE=str(me),
         PADDLE_DISTRI_BACKEND=parallel.backend,
     )
-    if parallel.tp > 1:
+    if parallel.tp > 1:  # a replica of one rank has no group: paddle is not needed for it
+        import paddle.distributed as dist
+
         dist.init_parallel_env()
 
 
@@ -90,10 +91,10 @@ class CommGroups:
 
     def barrier(self, kind: str) -> None:
         """Barrier over the TP ("tp") or EP ("ep") group; no-op when the group does not exist."""
-        import paddle.distributed as dist
-
         group = self._group(kind)
         if group is not None:
+            import paddle.distributed as dist
+
             dist.barrier(group)
 
     def _group(self, kind: str):
@@ -105,14 +106,14 @@ class CommGroups:
 
     def shutdown(self) -> None:
         """Tear the TP and EP groups down (NCCL: shutdown; gloo: destroy)."""
-        import paddle.distributed as dist
-
         if not self._up:
             return
         for kind in ("ep", "tp"):
             group = getattr(self, f"{kind}_group")
             if group is None:
                 continue
+            import paddle.distributed as dist
+
             if self.parallel.backend == "nccl":
                 dist.shutdown_process_group(group)
             else:
@@ -124,11 +125,11 @@ class CommGroups:
 
     def restart(self) -> None:
         """Bring the groups back after `shutdown()` (NCCL: restart; gloo: create again)."""
-        import paddle.distributed as dist
-
         if self._up:
             return
         if self.parallel.backend == "nccl" and self.distributed:
+            import paddle.distributed as dist
+
             for group in (self.tp_group, self.ep_group):
                 if group is not None:
                     dist.restart_process_group(group)
@@ -136,3 +137,30 @@ class CommGroups:
         else:
             self.start()
         self._log.debug("communication groups restarted")
+
+
+class GroupAllReduce:
+    """Sums a tensor in place over this rank's TP or EP group (identity when `size == 1`).
+
+    The group is looked up on every call, never stored: restarting the communication groups
+    destroys them and creates new ones.
+    """
+
+    def __init__(self, groups: CommGroups | None, kind: Literal["tp", "ep"], size: int):
+        self.groups, self.kind, self.size = groups, kind, size
+
+    def __call__(self, x: Any) -> Any:
+        """`x`: a paddle tensor (the reference engine; the torch one converts to it)."""
+        if self.size == 1:
+            return x
+        import paddle.distributed as dist
+
+        group = getattr(self.groups, f"{self.kind}_group", None)
+        if group is None:
+            rank = self.groups.parallel.rank if self.groups is not None else "?"
+            raise StateError(
+                f"rank {rank}: the {self.kind.upper()} group (size {self.size}) is not up; "
+                "start or restart the communication groups before a forward pass"
+            )
+        dist.all_reduce(x, group=group)
+        return x

@@ -48,6 +48,13 @@ class LoadConfig(_Frozen):
         "are copied where the update can roll back; snapshot files' own checksums otherwise).",
     )
     check_finite: bool = Field(False, description="Refuse weights holding NaN or Inf.")
+    device_copies: Literal["torch", "batched"] = Field(
+        "torch",
+        description="How a rank copies device tensors out of a trainer's GPU memory (ipc over "
+        "CUDA): one torch copy per tensor, or one batched-copy kernel per chunk "
+        "(fd_ray_sync.cuda_copy: NVRTC and cuda-bindings; measured in the GPU check, not yet "
+        "run in a fleet on a GPU).",
+    )
 
     @field_validator("load_strategy")
     @classmethod

@@ -12,10 +12,13 @@ spec carries names and offsets, never tensors (no pickle, no torch reductions).
                  (cudaIpcOpenMemHandle, peer access enabled lazily: another GPU of the
                  node is reached over NVLink/PCIe)
 
-The trainer keeps what it exported alive (ring slots live as long as the ring; registered
-tensors are the trainer's own, and a reallocation is refused by `fd_ray_sync.ipc`). A
-rank's mapping keeps its memory from going back to the driver, so ranks drop the mappings
-a new spec no longer names (`release_others`) and those of a dead trainer (`sweep`).
+CUDA leaves it undefined when the exporter frees memory that an importer still maps, so
+the trainer keeps what it exported alive while ranks may map it: ring slots live as long as
+the ring, and a replaced ring one update longer (`fd_ray_sync.push_direct.ring_for`), by
+which time every rank that loaded has dropped its mappings; registered tensors are the
+trainer's own (a reallocation is refused by `fd_ray_sync.ipc`: register again, and free the
+old tensors only after the next update). Ranks drop the mappings a new spec no longer names
+(`release_others`) and those of a dead trainer (`sweep`).
 
 Torch's caching allocator must hand out ordinary cudaMalloc blocks: with
 `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` the memory is not IPC-shareable this way
@@ -33,6 +36,7 @@ from fd_ray_sync.errors import StateError, WeightMismatchError
 from fd_ray_sync.shm import pid_alive
 
 PREFIX = "cuda-ipc-"
+NO_MEMORY = ""  # the memory name of a registered tensor with no bytes (its pointer is 0)
 _NAME = re.compile(r"cuda-ipc-(\d+)-(\d+)-([0-9a-f]{128})$")
 _lock = threading.Lock()
 _attached: dict[str, CudaSegment] = {}  # name -> mapping (rank)
@@ -77,6 +81,23 @@ def _check(what: str, err: Any) -> None:
         raise StateError(f"{what} failed: {err!r}")
 
 
+def _handle_bytes(handle: Any) -> bytes:
+    """The 64 bytes of a `cudaIpcMemHandle_t`, read through its address (cuda-bindings 13.4
+    dropped the `reserved` attribute that older releases expose)."""
+    import ctypes
+
+    return ctypes.string_at(handle.getPtr(), 64)
+
+
+def _handle_of(runtime: Any, raw: bytes) -> Any:
+    """A `cudaIpcMemHandle_t` holding `raw` (64 bytes), written through its address."""
+    import ctypes
+
+    handle = runtime.cudaIpcMemHandle_t()
+    ctypes.memmove(handle.getPtr(), raw, 64)
+    return handle
+
+
 def export(tensor: Any, exported: dict[int, str]) -> tuple[str, int]:
     """(name, offset): the allocation holding `tensor`'s data, shared once per allocation
     (`exported`: base address -> name, the caller's record, dropped with what it shares),
@@ -88,6 +109,9 @@ def export(tensor: Any, exported: dict[int, str]) -> tuple[str, int]:
     driver, runtime = _bindings()
     ptr = tensor.data_ptr()
     with torch.cuda.device(tensor.device):
+        # A runtime call first: it makes the device's primary context current on this thread
+        # (torch's guard does not when the device already is), which the driver call needs.
+        _check("cudaFree(0)", runtime.cudaFree(0)[0])
         err, base, size = driver.cuMemGetAddressRange(ptr)
         _check("cuMemGetAddressRange", err)
         base, size = int(base), int(size)
@@ -100,7 +124,7 @@ def export(tensor: Any, exported: dict[int, str]) -> tuple[str, int]:
                     "ipc transport needs memory from cudaMalloc (unset PYTORCH_CUDA_ALLOC_CONF="
                     "expandable_segments:True in the trainer)"
                 )
-            exported[base] = name = encode(os.getpid(), size, bytes(handle.reserved))
+            exported[base] = name = encode(os.getpid(), size, _handle_bytes(handle))
     return name, ptr - base
 
 
@@ -127,9 +151,13 @@ class CudaSegment:
                 f"{nbytes} bytes at offset {offset} overrun the trainer's {self.nbytes}-byte "
                 "allocation: the spec does not match the memory it names"
             )
-        raw = torch.as_tensor(
-            _Interface(self.address + offset, nbytes), device=f"cuda:{self.device}"
-        )
+        address = self.address + offset
+        raw = torch.as_tensor(_Interface(address, nbytes), device=f"cuda:{self.device}")
+        if nbytes and raw.data_ptr() != address:  # torch copied instead of wrapping
+            raise StateError(
+                f"torch {torch.__version__} copied the trainer's memory instead of wrapping it "
+                "(__cuda_array_interface__); the ipc transport needs a torch that wraps it"
+            )
         return raw.view(getattr(torch, dtype)).view(shape)
 
     def close(self) -> None:
@@ -153,39 +181,45 @@ class _Interface:
 
 def attach(name: str) -> CudaSegment:
     """This process's mapping of `name` on its current CUDA device, opened once and kept."""
-    with _lock:
-        segment = _attached.get(name)
-    if segment is not None:
-        return segment
     import torch
 
-    _, runtime = _bindings()
-    owner, size, raw = decode(name)
-    if not pid_alive(owner):
-        raise StateError(f"the trainer (pid {owner}) that shared {name[:30]}... is gone")
-    handle = runtime.cudaIpcMemHandle_t()
-    handle.reserved = raw
-    device = torch.cuda.current_device()
-    with torch.cuda.device(device):
-        err, address = runtime.cudaIpcOpenMemHandle(handle, runtime.cudaIpcMemLazyEnablePeerAccess)
-    if int(err) != 0:
-        raise StateError(
-            f"cudaIpcOpenMemHandle of the trainer's memory (pid {owner}) failed on CUDA device "
-            f"{device} ({err!r}): the trainer must run on this node, and its GPU be this one "
-            "or a peer of it"
-        )
-    segment = CudaSegment(name, int(address), size, device)
-    with _lock:
-        return _attached.setdefault(name, segment)
+    with _lock:  # held while opening: two threads never open the same handle twice
+        segment = _attached.get(name)
+        if segment is not None:
+            return segment
+        _, runtime = _bindings()
+        owner, size, raw = decode(name)
+        if not pid_alive(owner):
+            raise StateError(f"the trainer (pid {owner}) that shared {name[:30]}... is gone")
+        device = torch.cuda.current_device()
+        with torch.cuda.device(device):
+            err, address = runtime.cudaIpcOpenMemHandle(
+                _handle_of(runtime, raw), runtime.cudaIpcMemLazyEnablePeerAccess
+            )
+        if int(err) != 0:
+            raise StateError(
+                f"cudaIpcOpenMemHandle of the trainer's memory (pid {owner}) failed on CUDA "
+                f"device {device} ({err!r}): the trainer must run on this node, on this GPU or "
+                "a peer of it that this process sees (a Ray GPU actor sees only its own GPUs)"
+            )
+        segment = _attached[name] = CudaSegment(name, int(address), size, device)
+        return segment
 
 
 def release(names: set[str] | None = None) -> None:
-    """Close this process's mappings of `names` (all when None)."""
+    """Close this process's mappings of `names` (all when None); every one is tried, the
+    first failure raised after."""
     with _lock:
         gone = [n for n in _attached if names is None or n in names]
         segments = [_attached.pop(n) for n in gone]
+    failed = None
     for segment in segments:
-        segment.close()
+        try:
+            segment.close()
+        except StateError as e:
+            failed = failed or e
+    if failed is not None:
+        raise failed
 
 
 def release_others(keep: set[str]) -> None:

@@ -59,6 +59,7 @@ class Fleet:
         self._plans: dict[int, dict[str, ShardSpec]] | None = None
         self._held: list[list] = []  # bucket refs of the committed (and an unsure) version
         self._ring: BucketRing | None = None  # the ipc or collective transport's, once used
+        self._retired: BucketRing | None = None  # a replaced device ring (push_direct.retire)
         self._end: TrainerEnd | None = None  # the collective transport's group, once used
         self._mappings = CheckedMappings(lambda: get(self.coordinator.manifest.remote()))
 
@@ -322,9 +323,10 @@ class Fleet:
         get(self.coordinator.shutdown.remote())
         ray.kill(self.coordinator)
         self._held = []  # the committed buckets this driver kept alive go with the fleet
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        for ring in (self._ring, self._retired):
+            if ring is not None:
+                ring.close()
+        self._ring = self._retired = None
         if self._end is not None:
             self._end.close()
             self._end = None

@@ -272,6 +272,8 @@ class Registration:
             if not tensor.is_contiguous():
                 raise WeightMismatchError(f"registered parameter {name!r} is not contiguous")
             shape, dtype = shape_and_dtype(tensor)
+            if tensor.numel() == 0:  # no allocation to share (its pointer is 0)
+                return (cuda_ipc.NO_MEMORY, 0, shape, dtype, 0)
             where = cuda_ipc.export(tensor.detach(), self._exported)
             return (*where, shape, dtype, tensor.data_ptr())
         array, dtype = to_host(tensor)

@@ -135,6 +135,10 @@ class RankLoad:
                         self._check_checksums(label, chunk, source)
                     if self.load.check_finite:
                         self._check_finite([(label, chunk)], wanted)
+                batched = set()
+                if self.load.device_copies == "batched":
+                    batched = self._copy_batched(label, chunk, wanted, undo)
+                    touched += len(batched)
                 for name, (array, dtype) in chunk.items():
                     if name not in wanted:  # sources check this; a new one might not
                         raise WeightMismatchError(f"{label}: {name!r} was not in the manifest")
@@ -153,7 +157,10 @@ class RankLoad:
                     if undo is not None and name not in undo:
                         undo[name] = np.array(read_param(param), copy=True)
                     view = host_view(param) if check_after_write else None
-                    if view is not None and view.flags.c_contiguous:  # hashed while copied
+                    if name in batched:  # copied by the chunk's kernel
+                        if check_after_write:
+                            got = digest(read_param(param))
+                    elif view is not None and view.flags.c_contiguous:  # hashed while copied
                         got = copy_and_digest(view, host_array(array, dtype))
                     else:
                         write_param(param, array, dtype)
@@ -254,6 +261,40 @@ class RankLoad:
             )
         return wanted
 
+    def _copy_batched(
+        self, label: str, chunk: Chunk, wanted: set[str], undo: dict | None
+    ) -> set[str]:
+        """Copy a chunk of torch device views into torch device parameters with one kernel
+        launch (`fd_ray_sync.cuda_copy`), on the current stream; returns the names copied
+        (none when the chunk is not all device-to-device). Old values a partial load keeps
+        are read first."""
+        pairs = {}
+        for name, (array, _) in chunk.items():
+            param = self.params.get(name)
+            if (
+                name not in wanted
+                or param is None
+                or not _on_cuda(array)
+                or not _on_cuda(param)
+                or not is_initialized(param)
+                or array.device != param.device
+            ):
+                return set()
+            pairs[name] = (
+                param.detach(),
+                array if array.dtype == param.dtype else array.view(param.dtype),
+            )
+        if not pairs:
+            return set()
+        from fd_ray_sync.cuda_copy import BatchedCopy
+
+        for name in pairs if undo is not None else ():
+            if name not in undo:
+                undo[name] = np.array(read_param(self.params[name]), copy=True)
+        BatchedCopy(list(pairs.values()), next(iter(pairs.values()))[0].device).launch()
+        self.log.debug("%s: %d tensors copied by one kernel", label, len(pairs))
+        return set(pairs)
+
     def _check_finite(self, chunks: Iterable[tuple[str, Chunk]], wanted: set[str]) -> None:
         for label, chunk in chunks:
             for name, (array, dtype) in chunk.items():
@@ -325,6 +366,10 @@ class Undo:
     version: str | None
     checksums: dict[str, int]
     tensors: dict[str, np.ndarray]  # name -> host copy of its old values (touched ones only)
+
+
+def _on_cuda(t) -> bool:
+    return type(t).__module__.startswith("torch") and t.device.type == "cuda"
 
 
 def _some(names: list[str]) -> str:

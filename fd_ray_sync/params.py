@@ -75,6 +75,10 @@ class _Paddle:
                 bits = bits.view(torch.int16)  # see _paddle_viewable
         host = from_bits(paddle.utils.dlpack.from_dlpack(bits), dtype)
         t.copy_(host, True)  # into t's own allocation, on t's place: one copy
+        if not isinstance(src, np.ndarray) and src.device.type == "cuda":
+            # The source is the trainer's memory: the copy must be done before the rank tells
+            # the trainer it may write there again (torch's stream waits cover torch copies).
+            paddle.device.synchronize()
 
     @staticmethod
     def refill(t: Any, src: np.ndarray, dtype: str) -> None:

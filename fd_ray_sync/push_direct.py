@@ -70,7 +70,9 @@ def update_registered(
         return 0
 
     fleet._held = []
-    return feed_update(fleet, uuid.uuid4().hex, spec, version, force, checked, feed, partial)
+    report = feed_update(fleet, uuid.uuid4().hex, spec, version, force, checked, feed, partial)
+    free_retired(fleet)
+    return report
 
 
 def update_ring(
@@ -109,7 +111,9 @@ def update_ring(
         return len(parts)
 
     fleet._held = []
-    return feed_update(fleet, uid, spec, version, force, verify, feed, partial)
+    report = feed_update(fleet, uid, spec, version, force, verify, feed, partial)
+    free_retired(fleet)
+    return report
 
 
 def ring_for(fleet: Fleet, weights: Mapping[str, Any], shared: bool = True) -> BucketRing:
@@ -133,9 +137,27 @@ def ring_for(fleet: Fleet, weights: Mapping[str, Any], shared: bool = True) -> B
         or ring.device != device
     ):
         if ring is not None:
-            ring.close()
+            retire(fleet, ring)
         fleet._ring = ring = BucketRing(slots, want, shared, device)
     return ring
+
+
+def retire(fleet: Fleet, ring: BucketRing) -> None:
+    """Free a replaced ring: shared memory at once (ranks' mappings of unlinked segments stay
+    valid), device memory after the next update has committed (`free_retired`): CUDA leaves
+    it undefined when memory is freed while another process maps it, and by then every rank
+    that loaded has dropped its mappings of the old ring (`cuda_ipc.release_others`)."""
+    if ring.device is None:
+        ring.close()
+        return
+    free_retired(fleet)
+    fleet._retired = ring
+
+
+def free_retired(fleet: Fleet) -> None:
+    if fleet._retired is not None:
+        fleet._retired.close()
+        fleet._retired = None
 
 
 def ring_device(weights: Mapping[str, Any]) -> str | None:

@@ -47,7 +47,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from fd_ray_sync.comm import CommGroups
+from fd_ray_sync.comm import CommGroups, GroupAllReduce
 from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine.spec import LORA_PROJECTIONS, ModelConfig
 from fd_ray_sync.errors import StateError, WeightMismatchError
@@ -56,30 +56,6 @@ from fd_ray_sync.status import KVCacheStatus
 from fd_ray_sync.tensors import to_host
 
 # --- parallel layers ------------------------------------------------------------------------
-
-
-class GroupAllReduce:
-    """Sums a tensor in place over this rank's TP or EP group (identity when `size == 1`).
-
-    The group is looked up on every call, never stored: restarting the communication groups
-    destroys them and creates new ones.
-    """
-
-    def __init__(self, groups: CommGroups | None, kind: Literal["tp", "ep"], size: int):
-        self.groups, self.kind, self.size = groups, kind, size
-
-    def __call__(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.size == 1:
-            return x
-        group = getattr(self.groups, f"{self.kind}_group", None)
-        if group is None:
-            rank = self.groups.parallel.rank if self.groups is not None else "?"
-            raise StateError(
-                f"rank {rank}: the {self.kind.upper()} group (size {self.size}) is not up; "
-                "start or restart the communication groups before a forward pass"
-            )
-        paddle.distributed.all_reduce(x, group=group)
-        return x
 
 
 def create_weight(layer: nn.Layer, name: str, shape: list[int], config: ModelConfig) -> None:

@@ -24,6 +24,7 @@ from fd_ray_sync.config import ParallelConfig
 from fd_ray_sync.engine import tokenizer
 from fd_ray_sync.engine.base import InferenceEngine
 from fd_ray_sync.engine.spec import TINY_DENSE, ModelConfig, shard_plan
+from fd_ray_sync.engine.torch_model import TorchDecoderLM
 from fd_ray_sync.errors import ConfigError, StateError
 from fd_ray_sync.log import get_logger
 from fd_ray_sync.params import model_parameters, param_shape
@@ -137,14 +138,14 @@ def torch_lm_engine(
     groups: CommGroups,
     config: ModelConfig = TINY_DENSE,
     seed: int | None = None,
+    device: str = "cpu",
 ) -> TorchEngine:
     """Engine factory for `Fleet.launch`: the torch reference LM (`TorchDecoderLM`) sharded
     over TP like the paddle one. `functools.partial(torch_lm_engine, config=...)` picks
     another dense config; `seed` fills the weights from `init_full_state_dict(config, seed)`
-    (the paddle reference engine's numbers) instead of torch's random init."""
-    from fd_ray_sync.engine.torch_model import TorchDecoderLM  # its TP all-reduce is paddle's
-
-    model = TorchDecoderLM(config, parallel, groups)
+    (the paddle reference engine's numbers) instead of torch's random init; `device` is where
+    the module lives ("cuda" in a GPU fleet: a rank actor sees its own GPU as cuda:0)."""
+    model = TorchDecoderLM(config, parallel, groups).to(device)
     plan = shard_plan(config, parallel)
     if seed is not None:
         from fd_ray_sync.engine.reference import iter_full_state_dict

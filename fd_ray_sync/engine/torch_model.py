@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fd_ray_sync.comm import CommGroups
+from fd_ray_sync.comm import CommGroups, GroupAllReduce
 from fd_ray_sync.config import ParallelConfig
-from fd_ray_sync.engine.model import GroupAllReduce
 from fd_ray_sync.engine.spec import TINY_DENSE, ModelConfig
 from fd_ray_sync.errors import ConfigError
 

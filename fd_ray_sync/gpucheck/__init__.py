@@ -12,7 +12,8 @@ them). Its modules, each importing only its siblings::
     floor     the trainer's floor copies        trainer   the trainer process
     rank      a rank process                    tree      each child's loop, the parent's side
     report    rows, verdict, table              parent    arguments and ``main``
-    batched   the batched-copy kernel (NVRTC + the driver API, imported only for --copies batched)
+    fleet_path  the fleet's own ipc rank path on one GPU (its own command, see that module)
+    (the batched-copy kernel is ``fd_ray_sync.cuda_copy``, imported only for --copies batched)
 
 Processes (torch.multiprocessing, spawn), all on one GPU (cuda:0)::
 
@@ -69,16 +70,17 @@ Methods:
 How a bucket's copies are launched on CUDA (``--copies``; every method but ``host``):
 
 - ``batched`` (default where ``cuda.bindings`` imports): every copy of the bucket cut into
-  ~128 KiB tiles, one kernel for all of them (``batched.py``), captured once in a CUDA graph;
+  ~128 KiB tiles, one kernel for all of them (``fd_ray_sync/cuda_copy.py``), captured once
+  in a CUDA graph;
 - ``graph``: the bucket's torch copies captured once in a CUDA graph;
 - ``eager``: each copy launched from Python.
 
 A graph is captured before an update is timed, holds the pointers of the views it was built
 from, and is dropped with them when a tensor moves (re-registration). A strided column slice
-is copied through int64 views of both sides (``fd_ray_sync.params.wide_pair``): same bits, a quarter of the
-elements. Measured on an H200 (docs/benchmarks.md): registered 0.37x of the floor with each
-bfloat16 copy from Python, 0.79x batched, 0.90x batched under an MPS daemon (which lets the
-three processes' kernels run side by side; the report says whether one ran).
+is copied through int64 views of both sides (``fd_ray_sync.params.wide_pair``): same bits, a
+quarter of the elements. Measured on an H200 (docs/benchmarks.md): registered 0.37x of the
+floor with each bfloat16 copy from Python, 0.79x batched, 0.90x batched under an MPS daemon
+(which lets the three processes' kernels run side by side; the report says whether one ran).
 
 Memory: each process reports torch.cuda.max_memory_allocated() over the transfer of an update
 minus what it held before (peaks reset after setup). Memory opened through CUDA IPC is not

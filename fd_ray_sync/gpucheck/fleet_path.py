@@ -141,7 +141,7 @@ def _ring_source_class():
     return LocalRingSource
 
 
-def _ranks(layers: int, dim: int, checked: bool, device: str) -> list:
+def _ranks(layers: int, dim: int, checked: bool, device: str, copies: str) -> list:
     from fd_ray_sync.config import LoadConfig, ParallelConfig
     from fd_ray_sync.engine.torch_engine import TorchEngine
     from fd_ray_sync.manager import DynamicWeightManager
@@ -167,7 +167,8 @@ def _ranks(layers: int, dim: int, checked: bool, device: str) -> list:
                 layer.register_parameter(part, torch.nn.Parameter(data, requires_grad=False))
             module.layers.append(layer)
         engine = TorchEngine(module, ParallelConfig(), None, plan)
-        managers.append(DynamicWeightManager(engine, LoadConfig(verify_checksum=checked)))
+        load = LoadConfig(verify_checksum=checked, device_copies=copies)
+        managers.append(DynamicWeightManager(engine, load))
     return managers
 
 
@@ -190,7 +191,12 @@ def _expected(manager, step: int, shapes) -> bool:
 
 
 def run(
-    layers: int = 32, dim: int = 4096, rounds: int = 3, slot_mib: int = 256, device: str = "cuda:0"
+    layers: int = 32,
+    dim: int = 4096,
+    rounds: int = 3,
+    slot_mib: int = 256,
+    device: str = "cuda:0",
+    copies: str = "torch",
 ) -> dict:
     """Every method, checked and unchecked: a report (see the module docstring)."""
     import multiprocessing as mp
@@ -213,7 +219,7 @@ def run(
     )
     trainer.start()
     name = "cpu" if device == "cpu" else torch.cuda.get_device_name(device)
-    report: dict = {"device": name, "bytes": nbytes, "methods": {}}
+    report: dict = {"device": name, "bytes": nbytes, "copies": copies, "methods": {}}
     try:
         _, ring = outbox.get(timeout=TIMEOUT_S)
         report["floor_s"] = _floor(nbytes, device)
@@ -227,7 +233,7 @@ def run(
         step = 0
         for method in ("registered", "ring"):
             for checked in (False, True):
-                managers = _ranks(layers, dim, checked, device)
+                managers = _ranks(layers, dim, checked, device, copies)
                 pointers = [{n: p.data_ptr() for n, p in m.params.items()} for m in managers]
                 times, identical = [], True
                 for _ in range(rounds):
@@ -245,7 +251,7 @@ def run(
                             segments=tuple(segments),
                         )
                         sources = [IpcStorageSource(spec, m.engine.shard_plan()) for m in managers]
-                        _load_all(managers, sources, version, checked)
+                        _load_all(managers, sources, version, checked, device)
                     else:
                         feed = BucketFeed(TP, keep=False)
                         with ThreadPoolExecutor(8) as pool:
@@ -264,7 +270,7 @@ def run(
                                 LocalRingSource(spec, _Ctx(m.engine.shard_plan(), r))
                                 for r, m in enumerate(managers)
                             ]
-                            _load_all(managers, sources, version, checked)
+                            _load_all(managers, sources, version, checked, device)
                             pump.join()
                     _sync(device)
                     times.append(time.perf_counter() - t0)
@@ -317,13 +323,19 @@ def _pump(feed, inbox, outbox) -> None:
             return
 
 
-def _load_all(managers, sources, version: str, checked: bool) -> None:
-    """Both ranks load at once (threads), as two rank processes would."""
+def _load_all(managers, sources, version: str, checked: bool, device: str) -> None:
+    """Both ranks load at once (threads), as two rank processes would: each on the device,
+    with a stream of its own (a new thread starts on device 0 and the default stream)."""
     errors: queue.Queue = queue.Queue()
 
     def load(m, source):
         try:
-            m.write_prepared(m.prepare_load(source, version, check_after_write=checked))
+            if device == "cpu":
+                m.write_prepared(m.prepare_load(source, version, check_after_write=checked))
+                return
+            torch.cuda.set_device(device)
+            with torch.cuda.stream(torch.cuda.Stream(device)):
+                m.write_prepared(m.prepare_load(source, version, check_after_write=checked))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.put(e)
 
@@ -356,13 +368,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--slot-mib", type=int, default=256, help="ring slot size")
+    p.add_argument(
+        "--copies",
+        choices=("torch", "batched"),
+        default="torch",
+        help="the ranks' LoadConfig.device_copies: a torch copy per tensor, or one "
+        "batched-copy kernel per chunk",
+    )
     p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu (shared memory)")
     p.add_argument("--out", help="write the report here as JSON")
     a = p.parse_args(argv)
     if a.device != "cpu" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (--device cpu runs the CPU twin)", file=sys.stderr)
         return 2
-    report = run(a.layers, a.dim, a.rounds, a.slot_mib, a.device)
+    report = run(a.layers, a.dim, a.rounds, a.slot_mib, a.device, a.copies)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:

@@ -205,8 +205,8 @@ class ProcBase:
                     dst.copy_(src, non_blocking=True)
                 self.sync()
             batch = None
-            if self.copies == "batched":  # one kernel for the whole bucket (batched.py)
-                from .batched import BatchedCopy
+            if self.copies == "batched":  # one kernel for the whole bucket (cuda_copy.py)
+                from fd_ray_sync.cuda_copy import BatchedCopy
 
                 batch = self._batched[key] = BatchedCopy(pairs, self.dev)
             g = torch.cuda.CUDAGraph()

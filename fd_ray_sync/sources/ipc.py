@@ -116,8 +116,13 @@ class IpcRingSource(BucketStreamSource):
             version=spec.version,
             keep=False,
         )
+        if len(spec.slot_offsets) != len(spec.slots):
+            raise WeightMismatchError(
+                f"the ring spec gives {len(spec.slot_offsets)} slot offsets for "
+                f"{len(spec.slots)} slots"
+            )
         self.slots = _attach(spec.slots)  # once; kept by shm / cuda_ipc
-        self.offsets = spec.slot_offsets or (0,) * len(self.slots)
+        self.offsets = spec.slot_offsets
 
     def _fetch(self, ticket: BucketTicket) -> list:
         # The next request tells the trainer the previous bucket's slot is free: its copies,
@@ -146,7 +151,7 @@ class IpcStorageSource(WeightSource):
             )
         self.spec, self.plan = spec, plan
         self._version = spec.version
-        names = tuple(sorted(set(spec.segments)))
+        names = tuple(sorted(set(spec.segments) - {cuda_ipc.NO_MEMORY}))
         self.segments = dict(zip(names, _attach(names)))
 
     @classmethod
@@ -160,6 +165,8 @@ class IpcStorageSource(WeightSource):
 
     def _full(self, i: int) -> tuple[TensorMeta, np.ndarray]:
         t = self.spec.tensors[i]
+        if self.spec.segments[i] == cuda_ipc.NO_MEMORY:
+            return t, np.empty(t.shape, storage_dtype(t.dtype))  # no bytes to read
         return t, _view(self.segments[self.spec.segments[i]], t)
 
     def manifest(self) -> dict[str, TensorMeta]:

@@ -26,7 +26,8 @@ from fd_ray_sync.manager import DynamicWeightManager
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.params import copy_into, wide_pair
 from fd_ray_sync.sharding import ShardSpec, take_shard
-from fd_ray_sync.sources.base import Chunk, WeightSource
+from fd_ray_sync.sources.base import Chunk, RankContext, WeightSource
+from fd_ray_sync.sources.ipc import IpcRingSource, IpcRingSpec, IpcStorageSource, IpcStorageSpec
 from fd_ray_sync.tensors import to_host
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,16 @@ def test_a_rank_refuses_a_view_past_the_end_of_the_trainers_allocation():
     segment = cuda_ipc.CudaSegment("x", address=1 << 40, nbytes=4096, device=0)
     with pytest.raises(WeightMismatchError, match="overrun the trainer's 4096-byte allocation"):
         segment.tensor(4000, (64,), "bfloat16")  # refused before anything touches CUDA
+
+
+def test_a_ring_spec_must_place_every_slot_and_an_empty_registered_tensor_needs_no_memory():
+    ctx = RankContext(rank=0, parallel=ParallelConfig(), load=LoadConfig(), plan={})
+    with pytest.raises(WeightMismatchError, match="0 slot offsets for 2 slots"):
+        IpcRingSource(IpcRingSpec("1", slots=("cuda-ipc-a", "cuda-ipc-b")), ctx)
+    empty = TensorMeta(name="e", shape=(0, 4), dtype="bfloat16")
+    spec = IpcStorageSpec("1", tensors=(empty,), segments=(cuda_ipc.NO_MEMORY,))
+    [(_, chunk)] = list(IpcStorageSource(spec, {}).chunks())  # attaches nothing
+    assert chunk["e"][0].shape == (0, 4) and chunk["e"][1] == "bfloat16"
 
 
 # --- the rank's write path with torch-tensor chunks ------------------------------------------
@@ -159,16 +170,21 @@ def check_report(report: dict) -> None:
         assert method["bit_identical"] and method["pointers_kept"], (name, method)
 
 
-def test_the_fleet_path_script_runs_over_shared_memory(tmp_path):
+@pytest.mark.parametrize("copies", ["torch", "batched"])  # batched: host chunks copy as before
+def test_the_fleet_path_script_runs_over_shared_memory(tmp_path, copies):
     # 4 layers of 512 x 512 bf16 in 1 MiB slots: the ring reuses each slot (backpressure).
     args = ("--layers", "4", "--dim", "512", "--rounds", "2", "--slot-mib", "1")
-    check_report(run_fleet_path(tmp_path, "cpu", *args, timeout=240))
+    report = run_fleet_path(tmp_path, "cpu", *args, "--copies", copies, timeout=240)
+    check_report(report)
+    assert report["copies"] == copies
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"
 )
-def test_gpu_the_fleets_ipc_path_over_cuda_ipc_is_bit_identical_in_place(tmp_path):
+@pytest.mark.parametrize("copies", ["torch", "batched"])
+def test_gpu_the_fleets_ipc_path_over_cuda_ipc_is_bit_identical_in_place(tmp_path, copies):
     args = ("--layers", "4", "--dim", "2048", "--rounds", "2", "--slot-mib", "16")
+    args = (*args, "--copies", copies)
     check_report(run_fleet_path(tmp_path, "cuda:0", *args, timeout=300))

@@ -17,7 +17,7 @@ from fd_ray_sync.params import wide_pair
 ROOT = Path(__file__).resolve().parents[2]
 CPU_SMALL = ["--device", "cpu", "--gib", "0.02", "--updates", "2"]
 MODULES = (
-    *("plan", "proc", "floor", "trainer", "rank", "tree", "report", "parent", "batched"),
+    *("plan", "proc", "floor", "trainer", "rank", "tree", "report", "parent", "fleet_path"),
     "__main__",
 )
 
@@ -100,7 +100,7 @@ def test_the_batched_copy_tiles_cover_every_byte_and_nothing_else():
     and a copy the kernel cannot take (6-byte rows) left to torch."""
     import ctypes
 
-    from fd_ray_sync.gpucheck import batched
+    from fd_ray_sync import cuda_copy as batched
 
     specs = gc.model_specs(0.02)
     model = [torch.randint(-(2**15), 2**15, s.shape, dtype=torch.int16) for s in specs]
@@ -162,6 +162,7 @@ def test_the_package_needs_neither_ray_nor_paddle_nor_pydantic():  # in a fresh 
         "sys.meta_path.insert(0, Block())\n"
     )
     imports = "".join(f"importlib.import_module('fd_ray_sync.gpucheck.{m}')\n" for m in MODULES)
+    imports += "importlib.import_module('fd_ray_sync.cuda_copy')\n"
     check = "print(sorted(m for m in ('ray', 'paddle', 'pydantic') if m in sys.modules))\n"
     code = block + imports + check
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

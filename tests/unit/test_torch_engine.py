@@ -3,6 +3,9 @@ writes, clears and verifies torch modules as it does paddle ones."""
 
 import functools
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +150,34 @@ def m_source(state):
     from fd_ray_sync.sources.memory import StateDictSource
 
     return StateDictSource(state)
+
+
+def test_a_torch_rank_of_a_one_rank_replica_runs_without_paddle():  # in a fresh interpreter
+    """What a rank actor of a torch engine does with tp=1 (join its world, build the engine,
+    load, barrier, restart its groups) never imports paddle: such a fleet runs where paddle
+    is not installed (a GPU machine with torch only)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'paddle':\n"
+        "            raise ModuleNotFoundError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import actors.weight_manager, fd_ray_sync.fleet\n"
+        "from fd_ray_sync.comm import CommGroups, init_world\n"
+        "from fd_ray_sync.config import LoadConfig, ParallelConfig\n"
+        "from fd_ray_sync.engine.torch_engine import torch_lm_engine\n"
+        "from fd_ray_sync.engine.torch_model import TorchDecoderLM\n"
+        "from fd_ray_sync.manager import DynamicWeightManager\n"
+        "init_world(ParallelConfig(), ['127.0.0.1:1'])\n"
+        "groups = CommGroups(ParallelConfig())\n"
+        "engine = torch_lm_engine(ParallelConfig(), groups)\n"
+        "m = DynamicWeightManager(engine, LoadConfig())\n"
+        "m.update_from_state_dict(TorchDecoderLM().state_dict(), version='2')\n"
+        "groups.shutdown(); groups.restart(); groups.barrier('tp')\n"
+        "print(engine.generate(['hi'], 2) is not None, 'paddle' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["True", "False"]

@@ -1,4 +1,6 @@
-"""One kernel launch for a bucket's copies (``--copies batched``): a batched 2-D copy.
+"""One kernel launch for many device copies: a batched 2-D copy. The GPU check uses it for
+a bucket's copies (``python -m fd_ray_sync.gpucheck --copies batched``), a rank for each
+chunk it copies out of a trainer's device memory (`LoadConfig.device_copies="batched"`).
 
 A bucket's copies are many tensors of a few MiB each, contiguous (row splits, whole tensors)
 or strided (column splits: rows of a few KiB at a pitch). Launched one by one, even replayed
