@@ -57,8 +57,9 @@ class WeightManagerActor:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             import paddle
-        except ModuleNotFoundError:  # a torch engine's replicas of one rank run without it
-            pass
+        except ModuleNotFoundError as e:  # a torch engine's one-rank replicas run without it
+            if e.name != "paddle":
+                raise
         else:
             # Ray ends ranks with signals (shutdown, rebuilds); paddle's handler would print
             # a C++ "FatalError" trace for each, which reads like a crash.

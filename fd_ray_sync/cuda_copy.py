@@ -65,6 +65,28 @@ TILE_DTYPE = np.dtype(
 assert TILE_DTYPE.itemsize == 40
 
 _kernel = None  # (module, function), loaded once per process
+_unavailable: str | None = None  # why the kernel cannot be built here, once known
+
+
+def current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def available(log=None) -> bool:
+    """Whether the kernel builds in this process (tried once; `log` gets one warning if not)."""
+    global _unavailable
+    if _kernel is None and _unavailable is None:
+        try:
+            _load()
+        except Exception as e:  # noqa: BLE001 - ImportError, NVRTC or driver errors alike
+            _unavailable = f"{type(e).__name__}: {e}"
+            if log is not None:
+                log.warning(
+                    "batched device copies unavailable, copying tensor by tensor (install "
+                    "cuda-bindings: pip install 'fd-ray-sync[gpu]'): %s",
+                    _unavailable,
+                )
+    return _kernel is not None
 
 
 def _check(res, what: str):

@@ -161,8 +161,11 @@ class CudaSegment:
         return raw.view(getattr(torch, dtype)).view(shape)
 
     def close(self) -> None:
+        import torch
+
         _, runtime = _bindings()
-        _check("cudaIpcCloseMemHandle", runtime.cudaIpcCloseMemHandle(self.address)[0])
+        with torch.cuda.device(self.device):
+            _check("cudaIpcCloseMemHandle", runtime.cudaIpcCloseMemHandle(self.address)[0])
 
 
 class _Interface:

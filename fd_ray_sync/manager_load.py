@@ -135,10 +135,10 @@ class RankLoad:
                         self._check_checksums(label, chunk, source)
                     if self.load.check_finite:
                         self._check_finite([(label, chunk)], wanted)
-                batched = set()
-                if self.load.device_copies == "batched":
-                    batched = self._copy_batched(label, chunk, wanted, undo)
-                    touched += len(batched)
+                batched = self._batch(chunk, wanted) if self.load.device_copies == "batched" else {}
+                if batched:
+                    touched += len(batched)  # from here on a failure leaves mixed weights
+                    self._copy_batched(label, batched, undo)
                 for name, (array, dtype) in chunk.items():
                     if name not in wanted:  # sources check this; a new one might not
                         raise WeightMismatchError(f"{label}: {name!r} was not in the manifest")
@@ -178,6 +178,11 @@ class RankLoad:
                             )
                         sums[name] = got
                 self.log.debug("wrote %s", label)
+            if self.load.device_copies == "batched" and _cuda_params(self.params.values()):
+                # A kernel's fault shows at the next sync: here, inside the failure handling.
+                import torch
+
+                torch.cuda.current_stream().synchronize()
         except Exception as e:
             if not touched:
                 self._status = previous  # nothing was written: the old weights still stand
@@ -261,13 +266,11 @@ class RankLoad:
             )
         return wanted
 
-    def _copy_batched(
-        self, label: str, chunk: Chunk, wanted: set[str], undo: dict | None
-    ) -> set[str]:
-        """Copy a chunk of torch device views into torch device parameters with one kernel
-        launch (`fd_ray_sync.cuda_copy`), on the current stream; returns the names copied
-        (none when the chunk is not all device-to-device). Old values a partial load keeps
-        are read first."""
+    def _batch(self, chunk: Chunk, wanted: set[str]) -> dict:
+        """name -> (parameter, source) for a chunk that is all torch device views going into
+        torch parameters on this process's current device, which one batched-copy kernel
+        can write; {} otherwise (the per-tensor copies then run, as when the kernel cannot
+        be built here: logged once)."""
         pairs = {}
         for name, (array, _) in chunk.items():
             param = self.params.get(name)
@@ -279,13 +282,21 @@ class RankLoad:
                 or not is_initialized(param)
                 or array.device != param.device
             ):
-                return set()
-            pairs[name] = (
-                param.detach(),
-                array if array.dtype == param.dtype else array.view(param.dtype),
-            )
+                return {}
+            source = array if array.dtype == param.dtype else array.view(param.dtype)
+            pairs[name] = (param.detach(), source)
         if not pairs:
-            return set()
+            return {}
+        from fd_ray_sync import cuda_copy
+
+        here = cuda_copy.current_device()
+        if any(p.device.index != here for p, _ in pairs.values()):
+            return {}
+        return pairs if cuda_copy.available(self.log) else {}
+
+    def _copy_batched(self, label: str, pairs: dict, undo: dict | None) -> None:
+        """Launch one batched-copy kernel for `pairs` (`_batch`) on the current stream, after
+        keeping the old values a partial load may have to put back."""
         from fd_ray_sync.cuda_copy import BatchedCopy
 
         for name in pairs if undo is not None else ():
@@ -293,7 +304,6 @@ class RankLoad:
                 undo[name] = np.array(read_param(self.params[name]), copy=True)
         BatchedCopy(list(pairs.values()), next(iter(pairs.values()))[0].device).launch()
         self.log.debug("%s: %d tensors copied by one kernel", label, len(pairs))
-        return set(pairs)
 
     def _check_finite(self, chunks: Iterable[tuple[str, Chunk]], wanted: set[str]) -> None:
         for label, chunk in chunks:
@@ -370,6 +380,10 @@ class Undo:
 
 def _on_cuda(t) -> bool:
     return type(t).__module__.startswith("torch") and t.device.type == "cuda"
+
+
+def _cuda_params(params) -> bool:
+    return any(_on_cuda(p) for p in params)
 
 
 def _some(names: list[str]) -> str:

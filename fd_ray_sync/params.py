@@ -78,7 +78,7 @@ class _Paddle:
         if not isinstance(src, np.ndarray) and src.device.type == "cuda":
             # The source is the trainer's memory: the copy must be done before the rank tells
             # the trainer it may write there again (torch's stream waits cover torch copies).
-            paddle.device.synchronize()
+            paddle.device.synchronize(t.place)
 
     @staticmethod
     def refill(t: Any, src: np.ndarray, dtype: str) -> None:

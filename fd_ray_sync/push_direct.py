@@ -136,9 +136,10 @@ def ring_for(fleet: Fleet, weights: Mapping[str, Any], shared: bool = True) -> B
         or ring.shared != shared
         or ring.device != device
     ):
-        if ring is not None:
+        new = BucketRing(slots, want, shared, device)
+        if ring is not None:  # once the new one exists: a failed allocation keeps the old
             retire(fleet, ring)
-        fleet._ring = ring = BucketRing(slots, want, shared, device)
+        fleet._ring = ring = new
     return ring
 
 
@@ -233,10 +234,12 @@ def update_collective(
 
     fleet._held = []
     try:
-        return feed_update(fleet, uid, spec, version, force, verify, feed, partial)
+        report = feed_update(fleet, uid, spec, version, force, verify, feed, partial)
     except BaseException:
         end.failed()
         raise
+    free_retired(fleet)
+    return report
 
 
 def trainer_end(fleet: Fleet) -> TrainerEnd:
