@@ -68,10 +68,6 @@ _kernel = None  # (module, function), loaded once per process
 _unavailable: str | None = None  # why the kernel cannot be built here, once known
 
 
-def current_device() -> int:
-    return torch.cuda.current_device()
-
-
 def available(log=None) -> bool:
     """Whether the kernel builds in this process (tried once; `log` gets one warning if not)."""
     global _unavailable

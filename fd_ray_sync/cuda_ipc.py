@@ -60,11 +60,6 @@ def decode(name: str) -> tuple[int, int, bytes]:
     return int(match.group(1)), int(match.group(2)), bytes.fromhex(match.group(3))
 
 
-def is_cuda(tensor: Any) -> bool:
-    """Whether `tensor` is a torch tensor in CUDA memory."""
-    return type(tensor).__module__.startswith("torch") and tensor.device.type == "cuda"
-
-
 def _bindings():
     try:
         from cuda.bindings import driver, runtime
@@ -245,9 +240,3 @@ def sweep() -> None:
         dead = {n for n in _attached if not pid_alive(decode(n)[0])}
     if dead:
         release(dead)
-
-
-def attached() -> list[str]:
-    """Names this process has open (tests, diagnostics)."""
-    with _lock:
-        return sorted(_attached)

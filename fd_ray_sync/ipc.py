@@ -42,6 +42,7 @@ from fd_ray_sync.tensors import (
     BITS_DTYPES,
     contiguous,
     from_bits,
+    on_cuda,
     shape_and_dtype,
     storage_dtype,
     tagged,
@@ -195,7 +196,7 @@ def _pack_device(slot: Any, offset: int, tensor: Any, name: str, plans) -> tuple
     nbytes = math.prod(shape) * storage_dtype(dtype).itemsize
     dst = slot[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape)
     host = None
-    if not (type(tensor).__module__.startswith("torch") and tensor.device.type == "cuda"):
+    if not on_cuda(tensor):
         host, _ = to_host(tensor)
         tensor = from_bits(torch.from_numpy(contiguous(host)), dtype)
     dst.copy_(tensor.detach())
@@ -268,7 +269,7 @@ class Registration:
         return self.weights
 
     def _place(self, name: str, tensor: Any) -> tuple[str, int, tuple[int, ...], str, int]:
-        if cuda_ipc.is_cuda(tensor):
+        if on_cuda(tensor):
             if not tensor.is_contiguous():
                 raise WeightMismatchError(f"registered parameter {name!r} is not contiguous")
             shape, dtype = shape_and_dtype(tensor)
@@ -303,7 +304,7 @@ class Registration:
             if name not in current:
                 continue
             tensor = current[name]
-            if cuda_ipc.is_cuda(tensor):  # shape and pointer only: no read unless checked
+            if on_cuda(tensor):  # shape and pointer only: no read unless checked
                 devices.add(tensor.device)
                 now_shape, now_dtype = shape_and_dtype(tensor)
                 now_address, array = tensor.data_ptr(), None

@@ -35,7 +35,7 @@ from fd_ray_sync.params import (
 )
 from fd_ray_sync.sources.base import Chunk, WeightSource
 from fd_ray_sync.status import ModelWeightsStatus
-from fd_ray_sync.tensors import all_finite, element_strides, host_array
+from fd_ray_sync.tensors import all_finite, element_strides, host_array, on_cuda
 from fd_ray_sync.version import validate_version
 
 
@@ -128,6 +128,7 @@ class RankLoad:
         self._checksums = {}
         sums: dict[str, int] = {}
         touched = written = nbytes = 0
+        launched = False  # a batched-copy kernel ran (LoadConfig.device_copies)
         try:
             for label, chunk in source.chunks():
                 if streaming:
@@ -138,6 +139,7 @@ class RankLoad:
                 batched = self._batch(chunk, wanted) if self.load.device_copies == "batched" else {}
                 if batched:
                     touched += len(batched)  # from here on a failure leaves mixed weights
+                    launched = True
                     self._copy_batched(label, batched, undo)
                 for name, (array, dtype) in chunk.items():
                     if name not in wanted:  # sources check this; a new one might not
@@ -178,8 +180,7 @@ class RankLoad:
                             )
                         sums[name] = got
                 self.log.debug("wrote %s", label)
-            if self.load.device_copies == "batched" and _cuda_params(self.params.values()):
-                # A kernel's fault shows at the next sync: here, inside the failure handling.
+            if launched:  # a kernel's fault shows at the next sync: here, inside the handling
                 import torch
 
                 torch.cuda.current_stream().synchronize()
@@ -277,8 +278,8 @@ class RankLoad:
             if (
                 name not in wanted
                 or param is None
-                or not _on_cuda(array)
-                or not _on_cuda(param)
+                or not on_cuda(array)
+                or not on_cuda(param)
                 or not is_initialized(param)
                 or array.device != param.device
             ):
@@ -287,9 +288,11 @@ class RankLoad:
             pairs[name] = (param.detach(), source)
         if not pairs:
             return {}
+        import torch
+
         from fd_ray_sync import cuda_copy
 
-        here = cuda_copy.current_device()
+        here = torch.cuda.current_device()
         if any(p.device.index != here for p, _ in pairs.values()):
             return {}
         return pairs if cuda_copy.available(self.log) else {}
@@ -376,14 +379,6 @@ class Undo:
     version: str | None
     checksums: dict[str, int]
     tensors: dict[str, np.ndarray]  # name -> host copy of its old values (touched ones only)
-
-
-def _on_cuda(t) -> bool:
-    return type(t).__module__.startswith("torch") and t.device.type == "cuda"
-
-
-def _cuda_params(params) -> bool:
-    return any(_on_cuda(p) for p in params)
 
 
 def _some(names: list[str]) -> str:

@@ -33,7 +33,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fd_ray_sync.errors import StateError, WeightMismatchError
-from fd_ray_sync.tensors import as_bits, as_storage, contiguous, dtype_name, from_bits, to_host
+from fd_ray_sync.tensors import (
+    as_bits,
+    as_storage,
+    contiguous,
+    dtype_name,
+    from_bits,
+    on_cuda,
+    to_host,
+)
 
 
 class _Paddle:
@@ -75,7 +83,7 @@ class _Paddle:
                 bits = bits.view(torch.int16)  # see _paddle_viewable
         host = from_bits(paddle.utils.dlpack.from_dlpack(bits), dtype)
         t.copy_(host, True)  # into t's own allocation, on t's place: one copy
-        if not isinstance(src, np.ndarray) and src.device.type == "cuda":
+        if on_cuda(src):
             # The source is the trainer's memory: the copy must be done before the rank tells
             # the trainer it may write there again (torch's stream waits cover torch copies).
             paddle.device.synchronize(t.place)

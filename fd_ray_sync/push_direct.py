@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from fd_ray_sync import cuda_ipc
 from fd_ray_sync.buckets import BucketMeta
 from fd_ray_sync.collective import TrainerEnd, chain_order
 from fd_ray_sync.config import FEED_THREADS
@@ -35,7 +34,7 @@ from fd_ray_sync.push import Expected, announce, feed_update, get, get_now, shap
 from fd_ray_sync.sharding import ShardPlan
 from fd_ray_sync.sources.collective import SLOTS, CollectiveSpec, extent
 from fd_ray_sync.sources.ipc import IpcRingSpec, IpcStorageSpec
-from fd_ray_sync.tensors import storage_dtype
+from fd_ray_sync.tensors import on_cuda, storage_dtype
 from fd_ray_sync.version import validate_version
 
 if TYPE_CHECKING:
@@ -164,7 +163,7 @@ def free_retired(fleet: Fleet) -> None:
 def ring_device(weights: Mapping[str, Any]) -> str | None:
     """The CUDA device of the first CUDA tensor in `weights` ("cuda:1"), or None."""
     for tensor in weights.values():
-        if cuda_ipc.is_cuda(tensor):
+        if on_cuda(tensor):
             return str(tensor.device)
     return None
 

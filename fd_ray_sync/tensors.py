@@ -113,6 +113,11 @@ def to_host(tensor: Any) -> tuple[np.ndarray, str]:
     )
 
 
+def on_cuda(tensor: Any) -> bool:
+    """Whether `tensor` is a torch tensor in CUDA memory."""
+    return type(tensor).__module__.startswith("torch") and tensor.device.type == "cuda"
+
+
 def shape_and_dtype(tensor: Any) -> tuple[tuple[int, ...], str]:
     """`tensor`'s shape and dtype string, without reading or copying its data."""
     if isinstance(tensor, TaggedBits):
