@@ -21,7 +21,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.front import ACTOR_GONE, ReplicaFrontActor, front_actor_name
 from actors.weight_manager import WeightManagerActor
-from fd_ray_sync import metrics
+from fd_ray_sync import gpus, metrics
+from fd_ray_sync.config import FleetConfig
 from fd_ray_sync.errors import PhaseTimeout, RankFailed, StateError
 from fd_ray_sync.sources.snapshot import SnapshotSpec
 from fd_ray_sync.version import is_newer
@@ -239,8 +240,7 @@ class PlacementMixin:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pgs[rank // self.config.tp], rank % self.config.tp
             ),
-            # One BLAS thread per rank: the ranks already use every core between them.
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+            runtime_env={"env_vars": rank_env(self.config, use_gpu)},
         ).remote(self.config.parallel(rank), self.config.load, self._factory)
 
     def _replica_ranks(self, replica: int) -> list[int]:
@@ -317,6 +317,16 @@ class PlacementMixin:
                 pass
         self.pgs = []
         self._ok = [False] * self.config.dp
+
+
+def rank_env(config: FleetConfig, use_gpu: bool) -> dict[str, str]:
+    """A rank process's environment: one BLAS thread (the ranks already use every core
+    between them); with `gpu_visibility="node"`, Ray leaves CUDA_VISIBLE_DEVICES to the rank
+    (`fd_ray_sync.gpus.see_node_gpus`)."""
+    env = {"OMP_NUM_THREADS": "1"}
+    if use_gpu and config.gpu_visibility == "node":
+        env[gpus.NOSET] = "1"
+    return env
 
 
 def _pg_name(fleet: str, replica: int) -> str:

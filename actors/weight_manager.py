@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from fd_ray_sync import cuda_ipc, shm
+from fd_ray_sync import cuda_ipc, gpus, shm
 from fd_ray_sync.buckets import BucketMeta, plan_parts
 from fd_ray_sync.comm import CommGroups, init_world
 from fd_ray_sync.config import LoadConfig, ParallelConfig
@@ -55,6 +55,7 @@ def _free_endpoint() -> str:
 class WeightManagerActor:
     def __init__(self, parallel: ParallelConfig, load: LoadConfig, engine_factory: EngineFactory):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        gpus.see_node_gpus()  # before CUDA starts in this process
         try:
             import paddle
         except ModuleNotFoundError as e:  # a torch engine's one-rank replicas run without it

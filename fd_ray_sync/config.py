@@ -198,6 +198,13 @@ class FleetConfig(_Frozen):
         "driver exits; off, all of it goes with the driver's job.",
     )
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
+    gpu_visibility: Literal["own", "node"] = Field(
+        "own",
+        description="GPU fleets: own: each rank sees only its GPU (Ray's default). node: each "
+        "rank sees every GPU of its node, its own as device 0 (fd_ray_sync.gpus), so it can "
+        "map a trainer's memory on another GPU: the ipc transport with one trainer process "
+        "feeding ranks on several GPUs.",
+    )
     pause_mode: Literal["abort", "wait", "keep"] = Field(
         "wait",
         description="What an update's pause does to the requests a replica is serving: "

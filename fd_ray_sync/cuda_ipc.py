@@ -198,7 +198,8 @@ def attach(name: str) -> CudaSegment:
             raise StateError(
                 f"cudaIpcOpenMemHandle of the trainer's memory (pid {owner}) failed on CUDA "
                 f"device {device} ({err!r}): the trainer must run on this node, on this GPU or "
-                "a peer of it that this process sees (a Ray GPU actor sees only its own GPUs)"
+                "a peer of it that this process sees (a Ray GPU rank sees only its own GPU "
+                "unless the fleet is launched with FleetConfig(gpu_visibility='node'))"
             )
         segment = _attached[name] = CudaSegment(name, int(address), size, device)
         return segment
