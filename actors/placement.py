@@ -83,7 +83,7 @@ class PlacementMixin:
     def start(self) -> dict:
         """Place and create the rank actors, form each replica's world, bootstrap-load."""
         if self.ranks:
-            return {"world": self.world, "adopted": True}
+            return {"world": self.world, "use_gpu": self.config.use_gpu, "adopted": True}
         cfg = self.config
         use_gpu = cfg.use_gpu
         if use_gpu is None:
@@ -236,7 +236,7 @@ class PlacementMixin:
             lifetime="detached",
             max_restarts=0,
             num_cpus=1,
-            num_gpus=1 if use_gpu else 0,
+            num_gpus=self.config.gpus_per_rank if use_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pgs[rank // self.config.tp], rank % self.config.tp
             ),

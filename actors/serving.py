@@ -170,7 +170,8 @@ class ServingMixin:
             "keep_committed": self.config.keep_committed,
             # What a trainer that connects needs to feed updates as this fleet expects.
             "trainer": self.config.model_dump(
-                mode="json", include={"load", "pipelined", "buckets_in_flight", "phase_timeout_s"}
+                mode="json",
+                include={"load", "pipelined", "buckets_in_flight", "phase_timeout_s", "use_gpu"},
             ),
             "phase": self._running_phase,  # the update's phase running now, if any
             "update": self._update_progress(),
@@ -190,6 +191,10 @@ class ServingMixin:
     @ray.method(concurrency_group="status")
     def rank_handles(self) -> list:
         return list(self.ranks)
+
+    @ray.method(concurrency_group="status")
+    def placement_groups(self) -> list:
+        return list(self.pgs)
 
 
 def _answers(methods: list, key: str) -> list[dict]:

@@ -337,6 +337,8 @@ class WeightManagerActor:
             "fingerprint": self._fingerprint,
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],  # Ray's ids of this rank's GPU
+            "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
     @ray.method(concurrency_group="status")

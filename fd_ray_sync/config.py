@@ -198,6 +198,14 @@ class FleetConfig(_Frozen):
         "driver exits; off, all of it goes with the driver's job.",
     )
     use_gpu: bool | None = Field(None, description="GPU bundles; None: when the cluster has GPUs.")
+    gpus_per_rank: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="GPU fleets: the share of its bundle's GPU (one per bundle) a rank takes. "
+        "Below 1 leaves the rest to a trainer actor placed in the same bundle "
+        "(Fleet.placement_groups()): trainer and rank then share that GPU.",
+    )
     gpu_visibility: Literal["own", "node"] = Field(
         "own",
         description="GPU fleets: own: each rank sees only its GPU (Ray's default). node: each "

@@ -79,14 +79,16 @@ class Fleet:
             lifetime="detached" if config.detached else None,
         ).remote(config, factory)
         try:
-            get(coordinator.start.remote())
+            started = get(coordinator.start.remote())
         except Exception:
             try:  # the ranks and placement group are detached: take them down too
                 ray.get(coordinator.shutdown.remote(), timeout=60)
             finally:
                 ray.kill(coordinator)
             raise
-        return cls(coordinator, config)
+        # use_gpu=None is decided by the placement (the cluster's GPUs): the trainer's side
+        # needs the answer (a GPU fleet fed CUDA tensors shares a device ring).
+        return cls(coordinator, config.model_copy(update={"use_gpu": started["use_gpu"]}))
 
     @classmethod
     def connect(
@@ -317,6 +319,13 @@ class Fleet:
                 r: {n: ShardSpec(**s) for n, s in plan.items()} for r, plan in raw.items()
             }
         return self._plans
+
+    def placement_groups(self) -> list:
+        """Each replica's placement group: bundle i holds TP rank i (one node per replica; on
+        GPU fleets one whole GPU per bundle). With `gpus_per_rank` below 1, place a trainer
+        actor in a rank's bundle (`PlacementGroupSchedulingStrategy(pg, i)`, `num_gpus` at
+        most the rest) to put it on that rank's GPU, for the ipc transport."""
+        return get(self.coordinator.placement_groups.remote())
 
     def shutdown(self) -> None:
         """Stop the ranks and the coordinator."""

@@ -1,10 +1,13 @@
-"""FleetConfig(gpu_visibility="node"): a GPU rank sees every GPU of its node, its own first.
+"""GPU placement without GPUs: ranks sharing their GPU with a trainer actor, and seeing the
+whole node's GPUs (`gpus_per_rank`, `gpu_visibility`).
 
-Ray's scheduling of GPUs needs no GPU hardware: a Ray instance of its own, started in a
-child process with 4 logical GPUs, places two actors the way a fleet places a replica's
-ranks (one placement group, one GPU bundle each, the fleet's `rank_env`), and each runs
-`fd_ray_sync.gpus.see_node_gpus` as the rank actor does first thing. What CUDA then makes of
-the variable (device 0 = the rank's own GPU, peers reachable) needs a GPU node.
+Ray's scheduling of GPUs needs no GPU hardware. A Ray instance of its own, started in a
+child process with 2 logical GPUs, runs a real GPU fleet (`use_gpu` decided by the cluster,
+tp=1, dp=2, a torch engine whose parameters stay on the CPU: nothing here touches CUDA)
+with `gpus_per_rank=0.5` and `gpu_visibility="node"`. A trainer actor placed in replica 0's
+bundle shares that rank's GPU; it connects to the fleet by name, registers its weights and
+updates both replicas over the ipc transport. What CUDA then makes of the visibility
+(device 0 is the rank's own GPU, peers reachable) needs a GPU node.
 """
 
 from __future__ import annotations
@@ -23,72 +26,87 @@ from fd_ray_sync.gpus import own_first
 pytestmark = pytest.mark.slow
 
 CHILD = r"""
-import json, os, sys
-import ray
-from ray.util.placement_group import placement_group
+import functools, json, os, sys
+import ray, torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from actors.placement import rank_env
-from fd_ray_sync.config import FleetConfig
-from fd_ray_sync.gpus import see_node_gpus
+from fd_ray_sync import ipc, shm
+from fd_ray_sync.checksum import fingerprint
+from fd_ray_sync.config import FleetConfig, LoadConfig
+from fd_ray_sync.engine.reference import init_full_state_dict
+from fd_ray_sync.engine.torch_engine import torch_lm_engine
+from fd_ray_sync.engine.torch_model import TINY_DENSE
+from fd_ray_sync.fleet import Fleet
 
-ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False,
-         _temp_dir=sys.argv[1], logging_level="ERROR")
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
+         _temp_dir=sys.argv[1], namespace="fd_ray_sync", logging_level="ERROR")
+fleet = Fleet.launch(
+    FleetConfig(name="colocated", tp=1, dp=2, gpus_per_rank=0.5, gpu_visibility="node",
+                load=LoadConfig(load_strategy="ipc")),
+    engine_factory=functools.partial(torch_lm_engine, config=TINY_DENSE),
+)
 
 @ray.remote
-class Rank:
-    def __init__(self):
-        see_node_gpus()
-    def seen(self):
-        return {"assigned": [str(i) for i in ray.get_gpu_ids()],
-                "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+class Trainer:
+    def gpus(self):
+        return [str(g) for g in ray.get_gpu_ids()]
 
-pg = placement_group([{"GPU": 1, "CPU": 1}] * 2, strategy="STRICT_PACK")
-assert pg.wait(60)
-out = {}
-for visibility in ("own", "node"):
-    env = rank_env(FleetConfig(gpu_visibility=visibility), use_gpu=True)
-    ranks = [Rank.options(num_cpus=1, num_gpus=1, runtime_env={"env_vars": env},
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
-             for i in range(2)]
-    out[visibility] = ray.get([r.seen.remote() for r in ranks])
-    for r in ranks:
-        ray.kill(r)
+    def step(self, seed, version):
+        fleet = Fleet.connect("colocated")
+        weights = ipc.share({n: torch.from_numpy(a) for n, a in
+                             init_full_state_dict(TINY_DENSE, seed).items()})
+        registered = fleet.register(weights)
+        try:
+            report = fleet.update(registered, version=version)
+            want = fingerprint((n, "float32", t.numpy()) for n, t in weights.items())
+        finally:
+            for name in {registered.segment_of(n) for n in weights}:
+                shm.unlink(name)
+        return {"use_gpu": fleet.config.use_gpu, "version": report.version, "want": want}
+
+pg = fleet.placement_groups()[0]
+trainer = Trainer.options(
+    num_cpus=0, num_gpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0)
+).remote()
+step = ray.get(trainer.step.remote(7, 1), timeout=120)  # placed beside the rank, or fails
+ranks = fleet.status()["ranks"]
+out = {
+    "launched_use_gpu": fleet.config.use_gpu,
+    "trainer_gpus": ray.get(trainer.gpus.remote()),
+    "step": step,
+    "ranks": [{k: r[k] for k in ("gpus", "visible_gpus", "fingerprint", "version")}
+              for r in ranks],
+}
+fleet.shutdown()
 print("RESULT " + json.dumps(out))
 """
 
 
-def _placed(node_visible: str | None) -> dict:
+def test_a_trainer_actor_shares_a_rank_gpu_and_feeds_ranks_that_see_the_node():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    if node_visible is not None:
-        env["CUDA_VISIBLE_DEVICES"] = node_visible  # what the node's raylet starts with
     with tempfile.TemporaryDirectory(prefix="fdrs-", dir="/tmp") as temp:
         done = subprocess.run(
             [sys.executable, "-c", CHILD, temp], env=env, capture_output=True, text=True,
-            timeout=180,
+            timeout=300,
         )  # fmt: skip
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(lines[0][len("RESULT ") :])
-
-
-@pytest.mark.parametrize("node_visible", [None, "3,1,0,2"])
-def test_node_visibility_puts_each_rank_own_gpu_first_among_all_of_the_node(node_visible):
-    got = _placed(node_visible)
-    node = sorted((node_visible or "0,1,2,3").split(","))
-    own = got["own"]  # Ray's default: each rank sees its GPU alone
-    assert [r["visible"] for r in own] == [r["assigned"][0] for r in own]
-    node_ranks = got["node"]
-    owners = [r["assigned"][0] for r in node_ranks]
-    assert len(set(owners)) == 2
-    for r in node_ranks:
-        visible = r["visible"].split(",")
-        assert visible[0] == r["assigned"][0]  # device 0 is the rank's own GPU
-        assert sorted(visible) == node  # and every GPU of the node follows, once
+    got = json.loads(lines[0][len("RESULT ") :])
+    assert got["launched_use_gpu"] is True  # decided by the cluster, known to the driver
+    assert got["step"]["use_gpu"] is True  # and to a trainer that connects by name
+    ranks = got["ranks"]
+    owners = [r["gpus"] for r in ranks]
+    assert sorted(owners) == [["0"], ["1"]]  # one GPU each
+    assert got["trainer_gpus"] == owners[0]  # the trainer sits on replica 0's GPU
+    for r in ranks:
+        assert r["visible_gpus"].split(",")[0] == r["gpus"][0]  # device 0: its own GPU
+        assert sorted(r["visible_gpus"].split(",")) == ["0", "1"]  # and the node's others
+        assert r["version"] == "1" and r["fingerprint"] == got["step"]["want"]
 
 
 def test_own_first_orders_the_node_and_refuses_a_foreign_gpu():
     assert own_first("2", None, 4) == "2,0,1,3"
+    assert own_first("1", "3,1,0,2", 0) == "1,3,0,2"  # the raylet's own list, reordered
     assert own_first("GPU-b", "GPU-a, GPU-b", 0) == "GPU-b,GPU-a"
     assert own_first("0", None, 1) == "0"
     with pytest.raises(StateError, match="GPU '5'.*not one of this node's GPUs"):
