@@ -23,7 +23,7 @@ from fd_ray_sync.checksum import digest, digests
 from fd_ray_sync.errors import WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
 from fd_ray_sync.sharding import REPLICATED, ShardPlan, ShardSpec, local_shape_of, take_shard
-from fd_ray_sync.tensors import contiguous, to_host
+from fd_ray_sync.tensors import contiguous, on_cuda, to_host
 
 
 class BucketMeta(BaseModel):
@@ -107,7 +107,13 @@ def slice_checksums(array: np.ndarray, specs: Sequence[ShardSpec]) -> tuple[int,
     """Checksum of each rank's slice; one entry when every rank holds the whole tensor.
 
     The slices are hashed together, block by block (a column slice's block is staged in a
-    small buffer, never copied whole), so the full tensor is read from memory once."""
+    small buffer, never copied whole), so the full tensor is read from memory once. A CUDA
+    tensor is hashed on its device (`fd_ray_sync.cuda_hash`), to the same numbers."""
+    if on_cuda(array):
+        from fd_ray_sync import cuda_hash
+
+        whole = all(spec.is_replicated for spec in specs)
+        return tuple(cuda_hash.digests([array] if whole else [take_shard(array, s) for s in specs]))
     if all(spec.is_replicated for spec in specs):
         return (digest(array),)
     return tuple(digests([take_shard(array, spec) for spec in specs]))

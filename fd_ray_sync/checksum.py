@@ -24,6 +24,7 @@ Snapshot files written before xxh3 carry CRC-32s (`legacy_crc32`), still checked
 from __future__ import annotations
 
 import functools
+import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -130,6 +131,51 @@ def _at(array: np.ndarray, index) -> np.ndarray:
         i, rest = index
         return _at(array[i], rest)
     return array[index]
+
+
+@functools.lru_cache(maxsize=256)
+def block_ranges(shape: tuple[int, ...], itemsize: int) -> np.ndarray:
+    """(byte offset, byte count) of each block `digest` hashes in a C-contiguous array of
+    `shape` and `itemsize` (rows of a read-only uint64 array), in the order
+    `digest_of_blocks` takes their hashes: what a device hashes in place
+    (`fd_ray_sync.cuda_hash`). Models repeat a few shapes, so each is worked out once."""
+    nbytes = math.prod(shape) * itemsize
+    indices: list[object] = []
+
+    def record(index, scratch) -> tuple[int]:
+        indices.append(index)
+        return (0,)
+
+    _blocked(shape, nbytes, record, parallel=False)
+    ranges = np.array([_byte_range(shape, itemsize, i) for i in indices], np.uint64)
+    ranges.flags.writeable = False
+    return ranges.reshape(-1, 2)
+
+
+def _byte_range(shape: tuple[int, ...], itemsize: int, index) -> tuple[int, int]:
+    """Where the block at `index` (as `_blocked` passes it) lies in a C-contiguous array."""
+    row = math.prod(shape[1:]) * itemsize  # bytes per leading index
+    if index is Ellipsis:
+        return 0, math.prod(shape) * itemsize
+    if isinstance(index, tuple):
+        i, rest = index
+        offset, size = _byte_range(shape[1:], itemsize, rest)
+        return i * row + offset, size
+    start, stop, _ = index.indices(shape[0])
+    return start * row, (stop - start) * row
+
+
+def digest_of_blocks(shape: tuple[int, ...], itemsize: int, hashes: Sequence[int]) -> int:
+    """`digest` of an array of `shape` and `itemsize` whose blocks (`block_ranges`, in order)
+    have the xxh3-64 values `hashes`."""
+    nbytes = math.prod(shape) * itemsize
+    split = _parts(shape, nbytes)
+    if split is None:  # one block
+        return int(hashes[0])
+    if split[1]:  # one level of blocks (every tensor but expert stacks): no tree to walk
+        return _xxh3(np.asarray(hashes, dtype="<u8").tobytes())
+    values = iter(int(h) for h in hashes)
+    return _blocked(shape, nbytes, lambda i, s: (next(values),), False)[0]
 
 
 def digest(array: np.ndarray) -> int:

@@ -9,7 +9,7 @@ at 0.70x of one flat copy of the same bytes, H200). Here every copy is cut into 
 ``TILE_BYTES`` (a run of rows), described in a table on the device, and one kernel copies every
 tile, a block per tile, in 16-byte words. The kernel is compiled at run time with NVRTC and
 launched through the CUDA driver API (``cuda.bindings``), on torch's current stream, so that it
-is captured into the bucket's CUDA graph like any other launch.
+is captured into the bucket's CUDA graph like any other launch (`fd_ray_sync.cuda_kernels`).
 
 A copy the kernel cannot take (a row width, pitch or address not a multiple of 16 bytes) stays
 a torch copy in the same graph.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from fd_ray_sync import cuda_kernels
 
 TILE_BYTES = 128 << 10
 CHUNK = 64 << 10  # a contiguous copy is cut into rows of this many bytes (its tail: one row)
@@ -64,16 +66,17 @@ TILE_DTYPE = np.dtype(
 )
 assert TILE_DTYPE.itemsize == 40
 
-_kernel = None  # (module, function), loaded once per process
 _unavailable: str | None = None  # why the kernel cannot be built here, once known
+_ready = False
 
 
 def available(log=None) -> bool:
     """Whether the kernel builds in this process (tried once; `log` gets one warning if not)."""
-    global _unavailable
-    if _kernel is None and _unavailable is None:
+    global _unavailable, _ready
+    if not _ready and _unavailable is None:
         try:
-            _load()
+            cuda_kernels.load(SOURCE, "batched_copy")
+            _ready = True
         except Exception as e:  # noqa: BLE001 - ImportError, NVRTC or driver errors alike
             _unavailable = f"{type(e).__name__}: {e}"
             if log is not None:
@@ -82,39 +85,7 @@ def available(log=None) -> bool:
                     "cuda-bindings: pip install 'fd-ray-sync[gpu]'): %s",
                     _unavailable,
                 )
-    return _kernel is not None
-
-
-def _check(res, what: str):
-    err, *rest = res if isinstance(res, tuple) else (res,)
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err}")
-    return rest[0] if len(rest) == 1 else rest
-
-
-def _load():
-    global _kernel
-    if _kernel is None:
-        from cuda.bindings import driver, nvrtc
-
-        major, minor = torch.cuda.get_device_capability()
-        prog = _check(nvrtc.nvrtcCreateProgram(SOURCE.encode(), b"batched.cu", 0, [], []), "nvrtc")
-        opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-std=c++17"]
-        res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if int(res[0]) != 0:
-            size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtc log size")
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile the batched copy: {log.decode()}")
-        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        image = np.frombuffer(cubin, dtype=np.uint8)
-        torch.cuda.current_stream().synchronize()  # the runtime's primary context is current
-        module = _check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
-        func = _check(driver.cuModuleGetFunction(module, b"batched_copy"), "cuModuleGetFunction")
-        _kernel = (module, func)
-    return _kernel
+    return _ready
 
 
 def _geometry(dst: torch.Tensor, src: torch.Tensor):
@@ -164,7 +135,7 @@ class BatchedCopy:
     """The copies of one bucket as one kernel launch (plus torch copies for any it cannot take)."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
-        self.func = _load()[1]
+        self.func = cuda_kernels.load(SOURCE, "batched_copy")
         table, self.rest = plan_tiles(pairs)
         self.n = len(table)
         self.table = torch.from_numpy(table.view(np.uint8)).to(device)  # kept: the graph reads it
@@ -178,7 +149,7 @@ class BatchedCopy:
         if self.n:
             stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
             params = self._params.ctypes.data
-            _check(
+            cuda_kernels.check(
                 driver.cuLaunchKernel(self.func, self.n, 1, 1, THREADS, 1, 1, 0, stream, params, 0),
                 "cuLaunchKernel",
             )

@@ -19,9 +19,9 @@ Two modes, one protocol (ranks attach each segment once and copy their TP slices
 
 On GPUs the same protocol runs over CUDA IPC (`fd_ray_sync.cuda_ipc`): a ring on `device`
 is a few device buffers, and registered CUDA tensors are shared where they lie (no `share()`
-step); names and offsets are the same, ranks copy device to device. Checksums are still xxh3
-of host bytes: a checked update reads every packed or registered byte back to the host once
-on the trainer (and each rank its own slices), which a device hash would remove.
+step); names and offsets are the same, ranks copy device to device. Checksums of device
+bytes are taken on the device (`fd_ray_sync.cuda_hash`: the same blocked xxh3 numbers), the
+trainer's slices of every registered tensor in one launch.
 """
 
 from __future__ import annotations
@@ -153,10 +153,13 @@ class BucketRing:
         still reads it) and describe them; with `plans`, each TP rank's slice checksums."""
         slot = self.slots[index % len(self.slots)]
         metas, offset = [], 0
+        packed: dict[str, Any] = {}  # device tensors to hash on the device, all at once
         for name, tensor in named:
             offset = aligned(offset)
             if self.device is not None:
-                shape, dtype, nbytes, sums = _pack_device(slot, offset, tensor, name, plans)
+                shape, dtype, nbytes, sums, dst = _pack_device(slot, offset, tensor, name, plans)
+                if dst is not None:
+                    packed[name] = dst
             else:
                 array, dtype = to_host(tensor)
                 shape, nbytes = array.shape, array.nbytes
@@ -173,6 +176,12 @@ class BucketRing:
                 )
             )
             offset += nbytes
+        if packed:
+            sums = _device_checksums(packed, plans)
+            metas = [
+                m.model_copy(update={"slice_checksums": sums[m.name]}) if m.name in sums else m
+                for m in metas
+            ]
         if self.device is not None:  # ranks read the slot from other processes' streams
             import torch
 
@@ -188,8 +197,9 @@ class BucketRing:
 
 
 def _pack_device(slot: Any, offset: int, tensor: Any, name: str, plans) -> tuple:
-    """Copy `tensor` into the device slot at `offset`: (shape, dtype, nbytes, checksums).
-    A host tensor crosses once (host to device); checksums are of host bytes (see above)."""
+    """Copy `tensor` into the device slot at `offset`: (shape, dtype, nbytes, checksums, the
+    copy when its checksums are still to take on the device). A host tensor crosses once
+    (host to device) and is hashed there."""
     import torch
 
     shape, dtype = shape_and_dtype(tensor)
@@ -201,13 +211,35 @@ def _pack_device(slot: Any, offset: int, tensor: Any, name: str, plans) -> tuple
         tensor = from_bits(torch.from_numpy(contiguous(host)), dtype)
     dst.copy_(tensor.detach())
     if plans is None:
-        return shape, dtype, nbytes, None
-    return (
-        shape,
-        dtype,
-        nbytes,
-        _checksums(host if host is not None else to_host(dst)[0], None, name, plans),
-    )
+        return shape, dtype, nbytes, None, None
+    if host is None:
+        return shape, dtype, nbytes, None, dst
+    return shape, dtype, nbytes, _checksums(host, None, name, plans), None
+
+
+def _device_checksums(tensors: Mapping[str, Any], plans: Sequence[ShardPlan]) -> dict[str, tuple]:
+    """Each TP rank's slice checksums of every CUDA tensor in `tensors` (as `_checksums`),
+    taken on the device in one launch (`fd_ray_sync.cuda_hash`)."""
+    from fd_ray_sync import cuda_hash
+
+    parts, counts = [], {}
+    for name, tensor in tensors.items():
+        specs = [plan.get(name, REPLICATED) for plan in plans]
+        try:
+            mine = (
+                [tensor]
+                if all(s.is_replicated for s in specs)
+                else [take_shard(tensor, s) for s in specs]
+            )
+        except WeightMismatchError as e:
+            raise WeightMismatchError(f"parameter {name!r}: {e}") from None
+        parts += mine
+        counts[name] = len(mine)
+    values, out, at = cuda_hash.digests(parts), {}, 0
+    for name, count in counts.items():
+        out[name] = tuple(values[at : at + count])
+        at += count
+    return out
 
 
 def share(weights: Mapping[str, Any]) -> dict[str, Any]:
@@ -300,6 +332,7 @@ class Registration:
             problems.append(f"names changed (new: {added[:5]}, gone: {gone[:5]})")
         metas = []
         devices = set()
+        on_device: dict[str, Any] = {}  # checked CUDA tensors: hashed together, on the device
         for name, (_, offset, shape, dtype, address) in self.places.items():
             if name not in current:
                 continue
@@ -318,7 +351,7 @@ class Registration:
                 )
                 continue
             if array is None and plans is not None:
-                array = to_host(tensor)[0]
+                on_device[name] = tensor.detach()
             metas.append(
                 TensorMeta(
                     name=name,
@@ -329,6 +362,12 @@ class Registration:
                     slice_checksums=None if array is None else _checksums(array, None, name, plans),
                 )
             )
+        if on_device and not problems:
+            sums = _device_checksums(on_device, plans)
+            metas = [
+                m.model_copy(update={"slice_checksums": sums[m.name]}) if m.name in sums else m
+                for m in metas
+            ]
         if problems:
             raise StateError(
                 "registered storage changed since Fleet.register(): "

@@ -15,7 +15,6 @@ from typing import Any
 
 from fd_ray_sync.checksum import (
     combine_digests,
-    fingerprint,
     tensor_digest,
 )
 from fd_ray_sync.config import LoadConfig
@@ -35,9 +34,9 @@ from fd_ray_sync.params import (
     empty_device_cache,
     is_initialized,
     model_parameters,
+    param_digests,
     param_dtype,
     param_shape,
-    read_param,
 )
 from fd_ray_sync.sources.base import WeightSource
 from fd_ray_sync.sources.memory import StateDictSource
@@ -261,12 +260,13 @@ class DynamicWeightManager(RankLoad, RankSleep):
             raise StateError(
                 f"rank {self.rank}: cannot fingerprint cleared parameters ({uninitialized[0]}...)"
             )
-        if self._checksums.keys() == self.params.keys():
-            return combine_digests(
-                (n, tensor_digest(n, param_dtype(p), param_shape(p), self._checksums[n]))
-                for n, p in self.params.items()
-            )
-        return fingerprint((name, param_dtype(p), read_param(p)) for name, p in self.params.items())
+        sums = self._checksums
+        if sums.keys() != self.params.keys():  # device parameters are hashed on the device
+            sums = dict(zip(self.params, param_digests(list(self.params.values()))))
+        return combine_digests(
+            (n, tensor_digest(n, param_dtype(p), param_shape(p), sums[n]))
+            for n, p in self.params.items()
+        )
 
     def memory_stats(self) -> dict[str, float]:
         """Host memory of this process, and the device allocator's figures where there is one

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fd_ray_sync.checksum import combine_digests, copy_and_digest, digest, tensor_digest
+from fd_ray_sync import cuda_hash
+from fd_ray_sync.checksum import combine_digests, copy_and_digest, tensor_digest
 from fd_ray_sync.errors import (
     ChecksumError,
     PartialUpdateError,
@@ -27,6 +28,7 @@ from fd_ray_sync.params import (
     empty_device_cache,
     host_view,
     is_initialized,
+    param_digests,
     param_dtype,
     param_shape,
     param_strides,
@@ -128,6 +130,7 @@ class RankLoad:
         self._checksums = {}
         sums: dict[str, int] = {}
         touched = written = nbytes = 0
+        later: list[str] = []  # names of this chunk's parameters to digest after its writes
         launched = False  # a batched-copy kernel ran (LoadConfig.device_copies)
         try:
             for label, chunk in source.chunks():
@@ -159,26 +162,26 @@ class RankLoad:
                     if undo is not None and name not in undo:
                         undo[name] = np.array(read_param(param), copy=True)
                     view = host_view(param) if check_after_write else None
+                    got = None  # digested after the chunk's writes, all at once
                     if name in batched:  # copied by the chunk's kernel
-                        if check_after_write:
-                            got = digest(read_param(param))
+                        pass
                     elif view is not None and view.flags.c_contiguous:  # hashed while copied
                         got = copy_and_digest(view, host_array(array, dtype))
-                    else:
+                    else:  # a device (or cleared) parameter
                         write_param(param, array, dtype)
-                        if check_after_write:  # a device (or cleared) parameter: read back
-                            got = digest(read_param(param))
                     written += 1
                     if self.on_write is not None:
                         self.on_write(name)
                     nbytes += array.nbytes
                     if check_after_write:
-                        want = expected[name] if not streaming else source.checksum(name)
-                        if want is not None and got != want:
-                            raise ChecksumError(
-                                f"{label}: parameter {name!r} does not match its checksum"
-                            )
-                        sums[name] = got
+                        if got is None:
+                            later.append(name)
+                        else:
+                            sums[name] = self._written(label, name, got, expected, source)
+                if later:  # device parameters: hashed where they are, in one launch
+                    for name, got in zip(later, param_digests([self.params[n] for n in later])):
+                        sums[name] = self._written(label, name, got, expected, source)
+                    later = []
                 self.log.debug("wrote %s", label)
             if launched:  # a kernel's fault shows at the next sync: here, inside the handling
                 import torch
@@ -315,10 +318,21 @@ class RankLoad:
                     raise WeightMismatchError(f"{name} (from {label}) holds NaN or Inf")
 
     @staticmethod
+    def _written(label: str, name: str, got: int, expected: dict, source: WeightSource) -> int:
+        """`got` (the digest of what was written), or ChecksumError when the source's
+        checksum of `name` says otherwise."""
+        want = source.checksum(name) if source.streaming else expected[name]
+        if want is not None and got != want:
+            raise ChecksumError(f"{label}: parameter {name!r} does not match its checksum")
+        return got
+
+    @staticmethod
     def _check_checksums(label: str, chunk: Chunk, source: WeightSource) -> None:
-        for name, (array, dtype) in chunk.items():
+        names = list(chunk)
+        arrays = [a if on_cuda(a) else host_array(a, d) for a, d in chunk.values()]
+        for name, got in zip(names, cuda_hash.digests(arrays)):
             want = source.checksum(name)
-            if want is not None and digest(host_array(array, dtype)) != want:
+            if want is not None and got != want:
                 raise ChecksumError(f"{label}: parameter {name!r} does not match its checksum")
 
     def rollback(self) -> list[str]:
@@ -352,7 +366,7 @@ class RankLoad:
                     n,
                     param_dtype(p),
                     param_shape(p),
-                    self._checksums[n] if n in self._checksums else digest(read_param(p)),
+                    self._checksums[n] if n in self._checksums else param_digests([p])[0],
                 ),
             )
             for n, p in named.items()

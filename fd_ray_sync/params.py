@@ -27,7 +27,7 @@ bfloat16 crosses as uint16 storage on the numpy side, float8_e4m3fn and float8_e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -336,6 +336,20 @@ def read_param(param: Any) -> np.ndarray:
     if view is not None:
         return view
     return to_host(param)[0]
+
+
+def param_digests(params: Sequence[Any]) -> list[int]:
+    """`checksum.digest` of each parameter's values: torch CUDA parameters on their device, in
+    one launch (`fd_ray_sync.cuda_hash`), the others from their host bytes (one at a time:
+    a device parameter of another framework is read to the host for it)."""
+    from fd_ray_sync import cuda_hash
+    from fd_ray_sync.checksum import digest
+
+    device = [i for i, p in enumerate(params) if on_cuda(p)]
+    out: list[int | None] = [None] * len(params)
+    for i, value in zip(device, cuda_hash.digests([params[i].detach() for i in device])):
+        out[i] = value
+    return [digest(read_param(p)) if v is None else v for p, v in zip(params, out)]
 
 
 def write_param(param: Any, array: Any, dtype: str) -> None:

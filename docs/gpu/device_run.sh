@@ -19,7 +19,7 @@ for copies in torch batched; do
   echo "fleet_path --copies $copies exit $?"
   tail -c 1200 "$OUT/fleet_path-$copies.log"
 done
-timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_ipc.py \
-  tests/unit/test_gpucheck.py > "$OUT/pytest_gpu.log" 2>&1
+timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_hash.py \
+  tests/unit/test_cuda_ipc.py tests/unit/test_gpucheck.py > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu exit $?"
 tail -c 1500 "$OUT/pytest_gpu.log"

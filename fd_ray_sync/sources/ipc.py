@@ -9,8 +9,8 @@ the object store; the feed (ring) or the spec (registered) only says where the b
 Over CUDA (`fd_ray_sync.cuda_ipc`: the trainer's device memory, names starting "cuda-ipc-")
 the views are torch tensors on this rank's GPU and the manager copies them device to device.
 The copies run on this rank's stream, so the rank waits for them before it tells the trainer
-a slot is free (the next bucket's fetch) and before the load ends (`close`); the trainer's
-checks read its bytes back to the host (see `fd_ray_sync.ipc`).
+a slot is free (the next bucket's fetch) and before the load ends (`close`); checksums of
+what it wrote are taken on its device (`fd_ray_sync.cuda_hash`).
 
 The trainer's memory changes with the next step, so an ipc version is not kept for restores:
 a replica that must reload it (a rank died, an update failed after writing) waits for the
@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fd_ray_sync import cuda_ipc, shm
+from fd_ray_sync import cuda_hash, cuda_ipc, shm
 from fd_ray_sync.buckets import local_checksum, local_meta
-from fd_ray_sync.checksum import digest
 from fd_ray_sync.errors import ChecksumError, WeightMismatchError
 from fd_ray_sync.feed import BucketTicket
 from fd_ray_sync.messages import TensorMeta
@@ -40,7 +39,7 @@ from fd_ray_sync.sources.base import (
     register_source,
 )
 from fd_ray_sync.sources.object_store import BucketStreamSource, StreamSpec
-from fd_ray_sync.tensors import as_storage, host_array, storage_dtype
+from fd_ray_sync.tensors import as_storage, storage_dtype
 
 Memory = shm.Segment | cuda_ipc.CudaSegment
 
@@ -182,7 +181,7 @@ class IpcStorageSource(WeightSource):
             t, full = self._full(i)
             spec = self.plan.get(t.name, REPLICATED)
             want = local_checksum(t, spec)
-            if want is not None and digest(host_array(take_shard(full, spec), t.dtype)) != want:
+            if want is not None and cuda_hash.digests([take_shard(full, spec)])[0] != want:
                 raise ChecksumError(f"registered parameter {t.name!r} does not match its checksum")
 
     def chunks(self) -> Iterator[tuple[str, Chunk]]:
