@@ -38,11 +38,30 @@ def own_first(own: str, visible: str | None, node_gpus: int) -> str:
     return ",".join([own, *(g for g in node if g != own)])
 
 
+def _refuse_if_cuda_started() -> None:
+    """CUDA reads the variable once, when it starts: after that, setting it does nothing and
+    this rank would take the node's GPU 0."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    paddle = sys.modules.get("paddle")
+    started = (torch is not None and torch.cuda.is_initialized()) or (
+        paddle is not None and paddle.is_compiled_with_cuda()  # its import starts CUDA
+    )
+    if started:
+        raise StateError(
+            "CUDA started in this rank process before it could choose its GPU (a module "
+            "imported at unpickling time initialized it: import paddle, or a torch.cuda call, "
+            "at the top of the engine factory's module); import them inside the factory"
+        )
+
+
 def see_node_gpus() -> None:
     """In a GPU rank started with Ray's NOSET variable: let this process see every GPU of its
     node, its own as device 0. Must run before anything in the process initializes CUDA."""
     if os.environ.get(NOSET, "").strip().lower() not in ("1", "true"):
         return
+    _refuse_if_cuda_started()
     import ray
 
     ids = [str(i) for i in ray.get_gpu_ids()]

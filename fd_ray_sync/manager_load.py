@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fd_ray_sync import cuda_hash
-from fd_ray_sync.checksum import combine_digests, copy_and_digest, tensor_digest
+from fd_ray_sync.checksum import combine_digests, copy_and_digest, digest, tensor_digest
 from fd_ray_sync.errors import (
     ChecksumError,
     PartialUpdateError,
@@ -162,13 +162,15 @@ class RankLoad:
                     if undo is not None and name not in undo:
                         undo[name] = np.array(read_param(param), copy=True)
                     view = host_view(param) if check_after_write else None
-                    got = None  # digested after the chunk's writes, all at once
+                    got = None  # a device parameter: digested after the chunk, in one launch
                     if name in batched:  # copied by the chunk's kernel
                         pass
                     elif view is not None and view.flags.c_contiguous:  # hashed while copied
                         got = copy_and_digest(view, host_array(array, dtype))
-                    else:  # a device (or cleared) parameter
+                    else:  # a device (or cleared, or strided) parameter
                         write_param(param, array, dtype)
+                        if check_after_write and not on_cuda(param):
+                            got = digest(read_param(param))
                     written += 1
                     if self.on_write is not None:
                         self.on_write(name)
@@ -359,17 +361,10 @@ class RankLoad:
         if self._undo is None:
             return None
         named = {n: self.params[n] for n in self._undo.tensors}
+        missing = [n for n in named if n not in self._checksums]
+        sums = {**dict(zip(missing, param_digests([named[n] for n in missing]))), **self._checksums}
         return combine_digests(
-            (
-                n,
-                tensor_digest(
-                    n,
-                    param_dtype(p),
-                    param_shape(p),
-                    self._checksums[n] if n in self._checksums else param_digests([p])[0],
-                ),
-            )
-            for n, p in named.items()
+            (n, tensor_digest(n, param_dtype(p), param_shape(p), sums[n])) for n, p in named.items()
         )
 
 

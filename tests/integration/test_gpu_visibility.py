@@ -6,7 +6,9 @@ child process with 2 logical GPUs, runs a real GPU fleet (`use_gpu` decided by t
 tp=1, dp=2, a torch engine whose parameters stay on the CPU: nothing here touches CUDA)
 with `gpus_per_rank=0.5` and `gpu_visibility="node"`. A trainer actor placed in replica 0's
 bundle shares that rank's GPU; it connects to the fleet by name, registers its weights and
-updates both replicas over the ipc transport. What CUDA then makes of the visibility
+updates both replicas over the ipc transport. A replica of two ranks needs NCCL, so its
+placement (two whole-GPU bundles, a rank and a trainer sharing each) is checked with plain
+actors placed the same way. What CUDA then makes of the visibility
 (device 0 is the rank's own GPU, peers reachable) needs a GPU node.
 """
 
@@ -37,7 +39,7 @@ from fd_ray_sync.engine.torch_engine import torch_lm_engine
 from fd_ray_sync.engine.torch_model import TINY_DENSE
 from fd_ray_sync.fleet import Fleet
 
-ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
+ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False,
          _temp_dir=sys.argv[1], namespace="fd_ray_sync", logging_level="ERROR")
 fleet = Fleet.launch(
     FleetConfig(name="colocated", tp=1, dp=2, gpus_per_rank=0.5, gpu_visibility="node",
@@ -77,6 +79,16 @@ out = {
               for r in ranks],
 }
 fleet.shutdown()
+
+# The fleet's placement for tp=2 (its replicas above have one rank each; a fleet of two
+# ranks needs NCCL on GPUs): two whole-GPU bundles, a rank and a trainer sharing each.
+from ray.util.placement_group import placement_group
+pg = placement_group([{"GPU": 1, "CPU": 1}] * 2, strategy="STRICT_PACK")
+assert pg.wait(60)
+on = lambda i, cpus: Trainer.options(
+    num_cpus=cpus, num_gpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+out["tp2_ranks"] = ray.get([on(i, 1).remote().gpus.remote() for i in range(2)])
+out["tp2_trainers"] = ray.get([on(i, 0).remote().gpus.remote() for i in range(2)])
 print("RESULT " + json.dumps(out))
 """
 
@@ -96,12 +108,16 @@ def test_a_trainer_actor_shares_a_rank_gpu_and_feeds_ranks_that_see_the_node():
     assert got["step"]["use_gpu"] is True  # and to a trainer that connects by name
     ranks = got["ranks"]
     owners = [r["gpus"] for r in ranks]
-    assert sorted(owners) == [["0"], ["1"]]  # one GPU each
+    assert len({o[0] for o in owners}) == 2 and all(len(o) == 1 for o in owners)
     assert got["trainer_gpus"] == owners[0]  # the trainer sits on replica 0's GPU
     for r in ranks:
         assert r["visible_gpus"].split(",")[0] == r["gpus"][0]  # device 0: its own GPU
-        assert sorted(r["visible_gpus"].split(",")) == ["0", "1"]  # and the node's others
+        assert sorted(r["visible_gpus"].split(",")) == ["0", "1", "2", "3"]  # and the node's
         assert r["version"] == "1" and r["fingerprint"] == got["step"]["want"]
+    # Two TP ranks of one replica on two GPUs, each beside the trainer of its bundle (Ray
+    # issues #29811 / #48685 saw fractional GPUs of different bundles share one GPU).
+    assert got["tp2_ranks"][0] != got["tp2_ranks"][1]
+    assert got["tp2_trainers"] == got["tp2_ranks"]
 
 
 def test_own_first_orders_the_node_and_refuses_a_foreign_gpu():

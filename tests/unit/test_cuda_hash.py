@@ -39,9 +39,10 @@ def _array(shape, dtype, seed=0):
     return rng.integers(0, 256, n, dtype=np.uint8).view(dtype).reshape(shape)
 
 
-@pytest.fixture(scope="module")
-def host_kernel(tmp_path_factory):
-    """The kernel source built as a host library: xxh3_ranges(table, n, out)."""
+@pytest.fixture(scope="module", params=["bytes", "words"])
+def host_kernel(request, tmp_path_factory):
+    """The kernel source built as a host library: xxh3_ranges(table, n, out); "words" takes
+    the device's load path (aligned words, unaligned ones cut from two)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler on this machine to build the kernel's source for the host")
@@ -49,6 +50,7 @@ def host_kernel(tmp_path_factory):
     source, lib = folder / "xxh3.c", folder / "xxh3.so"
     source.write_text(cuda_hash.SOURCE)
     args = [cc, "-O2", "-std=c11", "-Wall", "-Werror", "-shared", "-fPIC", "-x", "c"]
+    args += ["-DWORD_LOADS"] if request.param == "words" else []
     done = subprocess.run([*args, str(source), "-o", str(lib)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     so = ctypes.CDLL(str(lib))
