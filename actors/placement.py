@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 import ray
-from ray import cloudpickle
 from ray.util.placement_group import (
     get_placement_group,
     placement_group,
@@ -242,7 +241,7 @@ class PlacementMixin:
                 self.pgs[rank // self.config.tp], rank % self.config.tp
             ),
             runtime_env={"env_vars": rank_env(self.config, use_gpu)},
-        ).remote(self.config.parallel(rank), self.config.load, cloudpickle.dumps(self._factory))
+        ).remote(self.config.parallel(rank), self.config.load, [ray.put(self._factory)])
 
     def _replica_ranks(self, replica: int) -> list[int]:
         return self.config.parallel().replica_ranks(replica)

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 import ray
-from ray import cloudpickle
 
 from fd_ray_sync import cuda_ipc, gpus, shm
 from fd_ray_sync.buckets import BucketMeta, plan_parts
@@ -54,10 +53,10 @@ def _free_endpoint() -> str:
 
 @ray.remote(concurrency_groups={"status": 1})
 class WeightManagerActor:
-    def __init__(self, parallel: ParallelConfig, load: LoadConfig, engine_factory: bytes):
-        """`engine_factory`: an `EngineFactory` pickled by cloudpickle, unpickled only once the
-        rank has chosen which GPUs it sees (unpickling imports the factory's module, which
-        may start CUDA: paddle does on import)."""
+    def __init__(self, parallel: ParallelConfig, load: LoadConfig, engine_factory: list):
+        """`engine_factory`: [the object ref of an `EngineFactory`], fetched only once the rank
+        has chosen which GPUs it sees (Ray resolves a bare ref argument before `__init__`, and
+        loading the factory imports its module, which may start CUDA: paddle does on import)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         gpus.see_node_gpus()  # before CUDA starts in this process
         try:
@@ -70,7 +69,7 @@ class WeightManagerActor:
             # a C++ "FatalError" trace for each, which reads like a crash.
             paddle.disable_signal_handler()
         self.parallel, self.load = parallel, load
-        self._factory: EngineFactory = cloudpickle.loads(engine_factory)
+        self._factory: EngineFactory = ray.get(engine_factory[0])
         self.rank = parallel.rank
         self.log = get_logger(__name__, self.rank)
         self.engine: InferenceEngine | None = None

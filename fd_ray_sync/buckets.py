@@ -110,13 +110,35 @@ def slice_checksums(array: np.ndarray, specs: Sequence[ShardSpec]) -> tuple[int,
     small buffer, never copied whole), so the full tensor is read from memory once. A CUDA
     tensor is hashed on its device (`fd_ray_sync.cuda_hash`), to the same numbers."""
     if on_cuda(array):
-        from fd_ray_sync import cuda_hash
-
-        whole = all(spec.is_replicated for spec in specs)
-        return tuple(cuda_hash.digests([array] if whole else [take_shard(array, s) for s in specs]))
+        return device_slice_checksums({"": array}, {"": specs})[""]
     if all(spec.is_replicated for spec in specs):
         return (digest(array),)
     return tuple(digests([take_shard(array, spec) for spec in specs]))
+
+
+def device_slice_checksums(
+    tensors: Mapping[str, Any], specs: Mapping[str, Sequence[ShardSpec]]
+) -> dict[str, tuple[int, ...]]:
+    """`slice_checksums` of many CUDA tensors (by name, with each one's rank specs), hashed on
+    their device in one launch (`fd_ray_sync.cuda_hash`)."""
+    from fd_ray_sync import cuda_hash
+
+    parts, counts = [], {}
+    for name, tensor in tensors.items():
+        mine, before = specs[name], len(parts)
+        try:
+            if all(s.is_replicated for s in mine):
+                parts.append(tensor)
+            else:
+                parts += [take_shard(tensor, s) for s in mine]
+        except WeightMismatchError as e:
+            raise WeightMismatchError(f"parameter {name!r}: {e}" if name else str(e)) from None
+        counts[name] = len(parts) - before
+    values, out, at = cuda_hash.digests(parts), {}, 0
+    for name, count in counts.items():
+        out[name] = tuple(values[at : at + count])
+        at += count
+    return out
 
 
 def local_checksum(meta: TensorMeta, spec: ShardSpec) -> int | None:

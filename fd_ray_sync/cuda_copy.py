@@ -66,26 +66,10 @@ TILE_DTYPE = np.dtype(
 )
 assert TILE_DTYPE.itemsize == 40
 
-_unavailable: str | None = None  # why the kernel cannot be built here, once known
-_ready = False
-
 
 def available(log=None) -> bool:
     """Whether the kernel builds in this process (tried once; `log` gets one warning if not)."""
-    global _unavailable, _ready
-    if not _ready and _unavailable is None:
-        try:
-            cuda_kernels.load(SOURCE, "batched_copy")
-            _ready = True
-        except Exception as e:  # noqa: BLE001 - ImportError, NVRTC or driver errors alike
-            _unavailable = f"{type(e).__name__}: {e}"
-            if log is not None:
-                log.warning(
-                    "batched device copies unavailable, copying tensor by tensor (install "
-                    "cuda-bindings: pip install 'fd-ray-sync[gpu]'): %s",
-                    _unavailable,
-                )
-    return _ready
+    return cuda_kernels.available(SOURCE, "batched_copy", "copying tensor by tensor", log)
 
 
 def _geometry(dst: torch.Tensor, src: torch.Tensor):
@@ -139,19 +123,9 @@ class BatchedCopy:
         table, self.rest = plan_tiles(pairs)
         self.n = len(table)
         self.table = torch.from_numpy(table.view(np.uint8)).to(device)  # kept: the graph reads it
-        # kernelParams: the address of an array holding the address of each argument
-        self._arg = np.array([self.table.data_ptr()], dtype=np.uint64)
-        self._params = np.array([self._arg.ctypes.data], dtype=np.uint64)
 
     def launch(self) -> None:
-        from cuda.bindings import driver
-
         if self.n:
-            stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-            params = self._params.ctypes.data
-            cuda_kernels.check(
-                driver.cuLaunchKernel(self.func, self.n, 1, 1, THREADS, 1, 1, 0, stream, params, 0),
-                "cuLaunchKernel",
-            )
+            cuda_kernels.launch(self.func, self.n, THREADS, self.table.data_ptr())
         for dst, src in self.rest:
             dst.copy_(src, non_blocking=True)

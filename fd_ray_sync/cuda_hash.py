@@ -223,31 +223,12 @@ void xxh3_ranges(const u64* ranges, u64 n, u64* out) {
 #endif
 """
 
-_unavailable: str | None = None  # why the kernel cannot load in this process, once known
-
 
 def available(log=None) -> bool:
     """Whether the kernel loads in this process (tried once; `log` gets one warning if not)."""
-    global _unavailable
     from fd_ray_sync import cuda_kernels
 
-    if _unavailable is None:
-        try:
-            cuda_kernels.load(SOURCE, "xxh3_ranges")
-        except Exception as e:  # noqa: BLE001 - ImportError, NVRTC or driver errors alike
-            _unavailable = f"{type(e).__name__}: {e}"
-            (log or _default_log()).warning(
-                "device checksums unavailable, reading tensors to the host to hash them "
-                "(install cuda-bindings: pip install 'fd-ray-sync[gpu]'): %s",
-                _unavailable,
-            )
-    return _unavailable is None
-
-
-def _default_log():
-    import logging
-
-    return logging.getLogger(__name__)
+    return cuda_kernels.available(SOURCE, "xxh3_ranges", "hashing on the host", log)
 
 
 def device_digests(tensors: Sequence[Any]) -> list[int]:

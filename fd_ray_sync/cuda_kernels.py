@@ -9,12 +9,14 @@ Used by the batched device copy (`fd_ray_sync.cuda_copy`) and the device checksu
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import numpy as np
 
 _lock = threading.Lock()
+failed: dict[str, str] = {}  # kernel name -> why it cannot load in this process
 # (source hash, name, device) -> (module, func): a module belongs to one device's context
 _loaded: dict[tuple[int, str, int], tuple[Any, Any]] = {}
 
@@ -37,6 +39,25 @@ def load(source: str, name: str) -> Any:
         if key not in _loaded:
             _loaded[key] = _compile(source, name)
         return _loaded[key][1]
+
+
+def available(source: str, name: str, instead: str, log=None) -> bool:
+    """Whether kernel `name` loads in this process (tried once; if not, one warning on `log`
+    saying what is done `instead`)."""
+    if name in failed:
+        return False
+    try:
+        load(source, name)
+    except Exception as e:  # noqa: BLE001 - ImportError, NVRTC or driver errors alike
+        failed[name] = f"{type(e).__name__}: {e}"
+        (log or logging.getLogger(__name__)).warning(
+            "kernel %s unavailable, %s (install cuda-bindings: pip install 'fd-ray-sync[gpu]'): %s",
+            name,
+            instead,
+            failed[name],
+        )
+        return False
+    return True
 
 
 def _compile(source: str, name: str) -> tuple[Any, Any]:
@@ -64,28 +85,17 @@ def _compile(source: str, name: str) -> tuple[Any, Any]:
     return module, func
 
 
-class Args:
-    """Kernel arguments of 8 bytes each, laid out as cuLaunchKernel's kernelParams wants (an
-    array of the address of each argument); keep it alive until the launch is queued."""
-
-    def __init__(self, *values: int):
-        self.values = np.array(values, dtype=np.uint64)
-        base = self.values.ctypes.data
-        self.params = np.array([base + 8 * i for i in range(len(values))], dtype=np.uint64)
-
-    @property
-    def address(self) -> int:
-        return self.params.ctypes.data
-
-
 def launch(func: Any, blocks: int, threads: int, *args: int) -> None:
     """Queue `func<<<blocks, threads>>>(*args)` on torch's current stream."""
     import torch
     from cuda.bindings import driver
 
-    packed = Args(*args)
+    # kernelParams: the address of an array holding the address of each (8-byte) argument;
+    # the driver reads them during the call (a graph capture copies them too).
+    values = np.array(args, dtype=np.uint64)
+    params = np.array([values.ctypes.data + 8 * i for i in range(len(args))], dtype=np.uint64)
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
     check(
-        driver.cuLaunchKernel(func, blocks, 1, 1, threads, 1, 1, 0, stream, packed.address, 0),
+        driver.cuLaunchKernel(func, blocks, 1, 1, threads, 1, 1, 0, stream, params.ctypes.data, 0),
         "cuLaunchKernel",
     )

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fd_ray_sync import cuda_ipc, shm
-from fd_ray_sync.buckets import BucketMeta, plan_parts, slice_checksums
+from fd_ray_sync.buckets import BucketMeta, device_slice_checksums, plan_parts, slice_checksums
 from fd_ray_sync.checksum import copy_and_digest, copy_and_digests
 from fd_ray_sync.errors import StateError, WeightMismatchError
 from fd_ray_sync.messages import TensorMeta
@@ -176,12 +176,7 @@ class BucketRing:
                 )
             )
             offset += nbytes
-        if packed:
-            sums = _device_checksums(packed, plans)
-            metas = [
-                m.model_copy(update={"slice_checksums": sums[m.name]}) if m.name in sums else m
-                for m in metas
-            ]
+        metas = _hashed_on_device(metas, packed, plans)
         if self.device is not None:  # ranks read the slot from other processes' streams
             import torch
 
@@ -217,29 +212,17 @@ def _pack_device(slot: Any, offset: int, tensor: Any, name: str, plans) -> tuple
     return shape, dtype, nbytes, _checksums(host, None, name, plans), None
 
 
-def _device_checksums(tensors: Mapping[str, Any], plans: Sequence[ShardPlan]) -> dict[str, tuple]:
-    """Each TP rank's slice checksums of every CUDA tensor in `tensors` (as `_checksums`),
-    taken on the device in one launch (`fd_ray_sync.cuda_hash`)."""
-    from fd_ray_sync import cuda_hash
-
-    parts, counts = [], {}
-    for name, tensor in tensors.items():
-        specs = [plan.get(name, REPLICATED) for plan in plans]
-        try:
-            mine = (
-                [tensor]
-                if all(s.is_replicated for s in specs)
-                else [take_shard(tensor, s) for s in specs]
-            )
-        except WeightMismatchError as e:
-            raise WeightMismatchError(f"parameter {name!r}: {e}") from None
-        parts += mine
-        counts[name] = len(mine)
-    values, out, at = cuda_hash.digests(parts), {}, 0
-    for name, count in counts.items():
-        out[name] = tuple(values[at : at + count])
-        at += count
-    return out
+def _hashed_on_device(metas: list, tensors: Mapping[str, Any], plans) -> list:
+    """`metas` with the slice checksums of the CUDA `tensors` (by name) for `plans`, taken on
+    the device in one launch."""
+    if not tensors:
+        return metas
+    specs = {name: [plan.get(name, REPLICATED) for plan in plans] for name in tensors}
+    sums = device_slice_checksums(tensors, specs)
+    return [
+        m.model_copy(update={"slice_checksums": sums[m.name]}) if m.name in sums else m
+        for m in metas
+    ]
 
 
 def share(weights: Mapping[str, Any]) -> dict[str, Any]:
@@ -362,12 +345,8 @@ class Registration:
                     slice_checksums=None if array is None else _checksums(array, None, name, plans),
                 )
             )
-        if on_device and not problems:
-            sums = _device_checksums(on_device, plans)
-            metas = [
-                m.model_copy(update={"slice_checksums": sums[m.name]}) if m.name in sums else m
-                for m in metas
-            ]
+        if not problems:
+            metas = _hashed_on_device(metas, on_device, plans)
         if problems:
             raise StateError(
                 "registered storage changed since Fleet.register(): "

@@ -105,7 +105,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.gpu
 @gpu
 def test_device_digests_equal_host_digests_and_slice_checksums_agree():
-    assert cuda_hash.available(), cuda_hash._unavailable
+    from fd_ray_sync import cuda_kernels
+
+    assert cuda_hash.available(), cuda_kernels.failed
     gen = torch.Generator(device="cuda").manual_seed(0)
     tensors = [
         torch.randn(4096, 3456, device="cuda", generator=gen).to(torch.bfloat16),
